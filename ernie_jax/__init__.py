@@ -1,0 +1,17 @@
+"""ERNIE 4.5 in JAX/Flax NNX: exact Hugging Face parity, expert parallelism, Pallas kernels."""
+
+from ernie_jax.config import ARCHITECTURES, ConfigError, ErnieConfig
+from ernie_jax.hf.checkpoint import CheckpointError, from_pretrained, save_pretrained
+from ernie_jax.model import ErnieForCausalLM, ModelOptions, abstract_model
+
+__all__ = [
+    "ARCHITECTURES",
+    "CheckpointError",
+    "ConfigError",
+    "ErnieConfig",
+    "ErnieForCausalLM",
+    "ModelOptions",
+    "abstract_model",
+    "from_pretrained",
+    "save_pretrained",
+]

@@ -1,0 +1,169 @@
+"""Building blocks of an ERNIE 4.5 decoder layer: RMSNorm, interleaved RoPE, GQA attention, SwiGLU MLP.
+
+Weights are stored as [in, out] (y = x @ W). Every parameter carries `logical_axes` metadata; `sharding/`
+maps those names to mesh axes. A module built with `stack=(R,)` holds R layers' parameters stacked on a
+leading "layers" axis for `lax.scan`; its forward code sees one layer's slice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import pallas_kernels
+from ernie_jax.config import ErnieConfig
+
+Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
+
+
+def make_param(
+    rngs: nnx.Rngs | None,
+    init: Initializer,
+    shape: Sequence[int],
+    logical_axes: Sequence[str],
+    dtype: jnp.dtype,
+    stack: Sequence[int] = (),
+) -> nnx.Param:
+    """A parameter of `shape` (plus leading `stack` dims) tagged with its logical axis names."""
+    full_shape = (*stack, *shape)
+    full_axes = ("layers",) * len(stack) + tuple(logical_axes)
+    assert len(full_shape) == len(full_axes), (full_shape, full_axes)
+    key = rngs.params() if rngs is not None else jax.random.key(0)
+    return nnx.Param(init(key, full_shape, dtype), logical_axes=full_axes)
+
+
+def normal_init(std: float) -> Initializer:
+    return jax.nn.initializers.normal(stddev=std)
+
+
+zeros_init: Initializer = jax.nn.initializers.zeros
+ones_init: Initializer = jax.nn.initializers.ones
+
+
+class RMSNorm(nnx.Module):
+    """x * rsqrt(mean(x^2) + eps) in fp32, cast back to the input dtype, then scaled (as transformers does)."""
+
+    def __init__(self, dim: int, eps: float, *, param_dtype, stack=(), rngs: nnx.Rngs | None = None):
+        self.eps = eps
+        self.weight = make_param(rngs, ones_init, (dim,), ("norm",), param_dtype, stack)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        weight = self.weight[...]
+        return weight.astype(jnp.promote_types(weight.dtype, x.dtype)) * normed.astype(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float) -> jax.Array:
+    """inv_freq[i] = theta^(-2i/H), i < H/2, in fp32."""
+    exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
+    return 1.0 / (jnp.float32(theta) ** exponents)
+
+
+def apply_interleaved_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotate pairs (2i, 2i+1) by positions * inv_freq[i] (ERNIE's GLM-style RoPE), computed in fp32.
+
+    Args:
+      x: [B, T, N, H] queries or keys, raw released weight order (no q/k permutation).
+      positions: [B, T] integer positions.
+    """
+    b, t, n, h = x.shape
+    angles = positions.astype(jnp.float32)[..., None] * rope_inv_freq(h, theta)  # [B, T, H/2]
+    cos = jnp.cos(angles)[:, :, None, :]  # [B, T, 1, H/2]
+    sin = jnp.sin(angles)[:, :, None, :]
+    pairs = x.astype(jnp.float32).reshape(b, t, n, h // 2, 2)
+    even, odd = pairs[..., 0], pairs[..., 1]
+    rotated = jnp.stack([even * cos - odd * sin, odd * cos + even * sin], axis=-1)
+    return rotated.reshape(b, t, n, h).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Causal grouped-query self-attention; K/V heads are never repeated in memory."""
+
+    def __init__(
+        self,
+        cfg: ErnieConfig,
+        *,
+        dtype,
+        param_dtype,
+        stack=(),
+        rngs: nnx.Rngs | None = None,
+        attention_impl: str = "auto",
+    ):
+        d, n, kv, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.resolved_head_dim
+        init = normal_init(cfg.initializer_range)
+        self.dtype = dtype
+        self.rope_theta = cfg.rope_theta
+        self.attention_impl = attention_impl
+        self.wq = make_param(rngs, init, (d, n, h), ("embed", "q_heads", "head_dim"), param_dtype, stack)
+        self.wk = make_param(rngs, init, (d, kv, h), ("embed", "kv_heads", "head_dim"), param_dtype, stack)
+        self.wv = make_param(rngs, init, (d, kv, h), ("embed", "kv_heads", "head_dim"), param_dtype, stack)
+        self.wo = make_param(rngs, init, (n, h, d), ("q_heads", "head_dim", "embed"), param_dtype, stack)
+        self.use_bias = cfg.use_bias
+        if cfg.use_bias:
+            self.bq = make_param(rngs, zeros_init, (n, h), ("q_heads", "head_dim"), param_dtype, stack)
+            self.bk = make_param(rngs, zeros_init, (kv, h), ("kv_heads", "head_dim"), param_dtype, stack)
+            self.bv = make_param(rngs, zeros_init, (kv, h), ("kv_heads", "head_dim"), param_dtype, stack)
+            self.bo = make_param(rngs, zeros_init, (d,), ("embed",), param_dtype, stack)
+
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+        x = x.astype(self.dtype)  # [B, T, D]
+        q = jnp.einsum("BTD,DNH->BTNH", x, self.wq[...].astype(self.dtype))
+        k = jnp.einsum("BTD,DKH->BTKH", x, self.wk[...].astype(self.dtype))
+        v = jnp.einsum("BTD,DKH->BTKH", x, self.wv[...].astype(self.dtype))
+        if self.use_bias:
+            q = q + self.bq[...].astype(self.dtype)
+            k = k + self.bk[...].astype(self.dtype)
+            v = v + self.bv[...].astype(self.dtype)
+        q = apply_interleaved_rope(q, positions, self.rope_theta)
+        k = apply_interleaved_rope(k, positions, self.rope_theta)
+        out = pallas_kernels.flash_attention(
+            q, k, v, causal=True, segment_ids=segment_ids, implementation=self.attention_impl
+        )  # [B, T, N, H]
+        y = jnp.einsum("BTNH,NHD->BTD", out.astype(self.dtype), self.wo[...].astype(self.dtype))
+        if self.use_bias:
+            y = y + self.bo[...].astype(self.dtype)
+        return y
+
+
+class MLP(nnx.Module):
+    """SwiGLU: down(silu(x @ gate) * (x @ up)). Used for dense layers and for the MoE shared experts."""
+
+    def __init__(
+        self,
+        cfg: ErnieConfig,
+        width: int,
+        *,
+        use_bias: bool,
+        dtype,
+        param_dtype,
+        stack=(),
+        rngs: nnx.Rngs | None = None,
+        axis: str = "mlp",
+    ):
+        d = cfg.hidden_size
+        init = normal_init(cfg.initializer_range)
+        self.dtype = dtype
+        self.use_bias = use_bias
+        self.gate = make_param(rngs, init, (d, width), ("embed", axis), param_dtype, stack)
+        self.up = make_param(rngs, init, (d, width), ("embed", axis), param_dtype, stack)
+        self.down = make_param(rngs, init, (width, d), (axis, "embed"), param_dtype, stack)
+        if use_bias:
+            self.gate_bias = make_param(rngs, zeros_init, (width,), (axis,), param_dtype, stack)
+            self.up_bias = make_param(rngs, zeros_init, (width,), (axis,), param_dtype, stack)
+            self.down_bias = make_param(rngs, zeros_init, (d,), ("embed",), param_dtype, stack)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x.astype(self.dtype)  # [..., D]
+        gate = jnp.einsum("...D,DF->...F", x, self.gate[...].astype(self.dtype))
+        up = jnp.einsum("...D,DF->...F", x, self.up[...].astype(self.dtype))
+        if self.use_bias:
+            gate = gate + self.gate_bias[...].astype(self.dtype)
+            up = up + self.up_bias[...].astype(self.dtype)
+        y = jnp.einsum("...F,FD->...D", jax.nn.silu(gate) * up, self.down[...].astype(self.dtype))
+        if self.use_bias:
+            y = y + self.down_bias[...].astype(self.dtype)
+        return y

@@ -1,0 +1,109 @@
+"""The one table that maps logical axis names to mesh axes. Mesh axis names appear only in sharding/.
+
+Logical names used by the model (see ernie_jax/config.py for the shape vocabulary):
+  parameters: vocab (V), embed (D), q_heads (N), kv_heads (K), head_dim (H), mlp (F dense), experts (E),
+              expert_mlp (F routed), router_experts (E of the router, replicated), layers (scan axis), norm
+  activations: batch (B), seq (T), act_embed (D of activations), act_heads (N of activations)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from sharding.mesh import DATA, EXPERT, FSDP, TENSOR
+
+MeshAxes = str | tuple[str, ...] | None
+
+# FSDP shards a hidden dimension of every weight; experts go over the expert axis; heads and FFN width over the
+# tensor axis. Activations: batch over data and fsdp (FSDP is data parallelism with sharded weights).
+DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
+    ("vocab", TENSOR),
+    ("embed", FSDP),
+    ("q_heads", TENSOR),
+    ("kv_heads", TENSOR),
+    ("head_dim", None),
+    ("mlp", TENSOR),
+    ("experts", EXPERT),
+    ("expert_mlp", TENSOR),
+    ("router_experts", None),
+    ("layers", None),
+    ("norm", None),
+    ("batch", (DATA, FSDP, EXPERT)),
+    ("seq", None),
+    ("act_embed", None),
+    ("act_heads", TENSOR),
+)
+
+
+class ShardingError(ValueError):
+    """A layout that cannot be realised on this mesh; the message names the tensor and the fix."""
+
+
+def _as_tuple(axes: MeshAxes) -> tuple[str, ...]:
+    if axes is None:
+        return ()
+    return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def logical_to_spec(
+    logical_axes: Sequence[str | None],
+    mesh: Mesh,
+    rules: Sequence[tuple[str, MeshAxes]] = DEFAULT_RULES,
+    shape: Sequence[int] | None = None,
+    name: str = "tensor",
+) -> PartitionSpec:
+    """PartitionSpec for a tensor with these logical axes. Mesh axes of size 1 are dropped; a mesh axis used
+    twice raises; a dimension not divisible by its mesh axes raises (with the tensor's name)."""
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for dim, logical in enumerate(logical_axes):
+        if logical is None:
+            spec.append(None)
+            continue
+        if logical not in table:
+            raise ShardingError(f"{name}: logical axis {logical!r} has no rule; add it to sharding.rules")
+        axes = tuple(a for a in _as_tuple(table[logical]) if a in mesh.shape and mesh.shape[a] > 1)
+        for a in axes:
+            if a in used:
+                raise ShardingError(
+                    f"{name}: mesh axis {a!r} would shard two dimensions {tuple(logical_axes)}"
+                )
+            used.add(a)
+        if shape is not None and axes:
+            size = 1
+            for a in axes:
+                size *= mesh.shape[a]
+            if shape[dim] % size:
+                raise ShardingError(
+                    f"{name}: dimension {dim} ({logical}) of size {shape[dim]} is not divisible by mesh axes "
+                    f"{axes} of total size {size}; change the mesh sizes or the config"
+                )
+        spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return PartitionSpec(*spec)
+
+
+def named_sharding(logical_axes, mesh: Mesh, rules=DEFAULT_RULES, shape=None, name="tensor") -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(logical_axes, mesh, rules, shape, name))
+
+
+def state_shardings(state, mesh: Mesh, rules=DEFAULT_RULES):
+    """NamedShardings for every Variable of an nnx State (from its `logical_axes` metadata)."""
+    from flax import nnx
+
+    def one(path, var):
+        axes = var.get_metadata().get("logical_axes")
+        if axes is None:
+            raise ShardingError(f"{'.'.join(map(str, path))}: parameter has no logical_axes metadata")
+        return var.replace(named_sharding(axes, mesh, rules, var.value.shape, ".".join(map(str, path))))
+
+    return nnx.map_state(one, state)
+
+
+def shard_state(state, mesh: Mesh, rules=DEFAULT_RULES):
+    """Place every Variable of an nnx State on the mesh according to its logical axes."""
+    shardings = state_shardings(state, mesh, rules)
+    return jax.tree.map(lambda x, s: jax.device_put(x, s), state, shardings)
