@@ -115,8 +115,7 @@ class ErnieConfig:
                 f"must be a layer index in [0, {last}], got {self.moe_layer_start_index}",
             )
             _require(
-                self.moe_layer_end_index == -1
-                or self.moe_layer_start_index <= self.moe_layer_end_index <= last,
+                self.moe_layer_end_index == -1 or self.moe_layer_start_index <= self.moe_layer_end_index <= last,
                 "moe_layer_end_index",
                 f"must be -1 or in [moe_layer_start_index={self.moe_layer_start_index}, {last}], "
                 f"got {self.moe_layer_end_index}",
@@ -255,9 +254,7 @@ class ErnieConfig:
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
-            raise ConfigError(
-                f"ErnieConfig.rope_theta: rope_type {rope_type!r} is not supported (only 'default')"
-            )
+            raise ConfigError(f"ErnieConfig.rope_theta: rope_type {rope_type!r} is not supported (only 'default')")
         theta = rope.get("rope_theta", hf.get("rope_theta", 500000.0))
         kwargs: dict[str, Any] = {"rope_theta": float(theta)}
         names = {f.name for f in dataclasses.fields(cls)} - {"rope_theta"}
@@ -269,9 +266,7 @@ class ErnieConfig:
             kwargs["num_key_value_heads"] = kwargs.get("num_attention_heads", cls.num_attention_heads)
         model_type = hf.get("model_type", "ernie4_5_moe" if "moe_num_experts" in hf else "ernie4_5")
         if model_type not in ("ernie4_5", "ernie4_5_moe"):
-            raise ConfigError(
-                f"ErnieConfig.from_hf_config: model_type {model_type!r} is not an ERNIE 4.5 text model"
-            )
+            raise ConfigError(f"ErnieConfig.from_hf_config: model_type {model_type!r} is not an ERNIE 4.5 text model")
         if model_type == "ernie4_5":
             kwargs["moe_num_experts"] = 0
         else:

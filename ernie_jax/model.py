@@ -36,9 +36,7 @@ class ModelOptions:
 
     def __post_init__(self):
         if self.remat not in REMAT_POLICIES:
-            raise ValueError(
-                f"ModelOptions.remat: must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}"
-            )
+            raise ValueError(f"ModelOptions.remat: must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
 
 
 class DecoderLayer(nnx.Module):
@@ -57,9 +55,7 @@ class DecoderLayer(nnx.Module):
     ):
         self.kind = kind
         common = dict(dtype=dtype, param_dtype=param_dtype, stack=stack, rngs=rngs)
-        self.input_norm = RMSNorm(
-            cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype, stack=stack, rngs=rngs
-        )
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype, stack=stack, rngs=rngs)
         self.attn = Attention(cfg, attention_impl=options.attention_impl, **common)
         self.post_attn_norm = RMSNorm(
             cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype, stack=stack, rngs=rngs
@@ -97,9 +93,7 @@ class LayerGroup(nnx.Module):
         self.repeats = repeats
         self.remat = options.remat
         self.layers = nnx.List(
-            DecoderLayer(
-                cfg, kind, options, dtype=dtype, param_dtype=param_dtype, stack=(repeats,), rngs=rngs
-            )
+            DecoderLayer(cfg, kind, options, dtype=dtype, param_dtype=param_dtype, stack=(repeats,), rngs=rngs)
             for kind in pattern
         )
 
@@ -136,9 +130,7 @@ class ErnieForCausalLM(nnx.Module):
         self.options = options
         self.dtype = dtype
         init = normal_init(cfg.initializer_range)
-        self.embed = make_param(
-            rngs, init, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), param_dtype
-        )
+        self.embed = make_param(rngs, init, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), param_dtype)
         self.groups = nnx.List(
             LayerGroup(cfg, pattern, repeats, options, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
             for pattern, repeats in cfg.layer_groups
@@ -150,9 +142,7 @@ class ErnieForCausalLM(nnx.Module):
             else make_param(rngs, init, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), param_dtype)
         )
         self.lm_head_bias = (
-            make_param(rngs, zeros_init, (cfg.vocab_size,), ("vocab",), param_dtype)
-            if cfg.lm_head_has_bias
-            else None
+            make_param(rngs, zeros_init, (cfg.vocab_size,), ("vocab",), param_dtype) if cfg.lm_head_has_bias else None
         )
 
     def __call__(

@@ -43,9 +43,7 @@ class RouterStats(NamedTuple):
     z_loss: jax.Array  # [] mean logsumexp(logits)^2
 
 
-def route(
-    x: jax.Array, router_w: jax.Array, correction_bias: jax.Array, *, k: int, norm_min: float
-) -> Routing:
+def route(x: jax.Array, router_w: jax.Array, correction_bias: jax.Array, *, k: int, norm_min: float) -> Routing:
     """Select k experts per token. x [N, D], router_w [D, E] fp32, correction_bias [E] fp32."""
     logits = jnp.einsum("ND,DE->NE", x.astype(jnp.float32), router_w.astype(jnp.float32))
     probs = jax.nn.softmax(logits, axis=-1)
@@ -153,13 +151,9 @@ class MoEBlock(nnx.Module):
         self.router = make_param(rngs, init, (d, e), ("embed", "router_experts"), jnp.float32, stack)
         bias = make_param(rngs, zeros_init, (e,), ("router_experts",), jnp.float32, stack)
         self.correction_bias = CorrectionBias(bias[...], **bias.get_metadata())
-        self.w_gate = make_param(
-            rngs, init, (e, d, f), ("experts", "embed", "expert_mlp"), param_dtype, stack
-        )
+        self.w_gate = make_param(rngs, init, (e, d, f), ("experts", "embed", "expert_mlp"), param_dtype, stack)
         self.w_up = make_param(rngs, init, (e, d, f), ("experts", "embed", "expert_mlp"), param_dtype, stack)
-        self.w_down = make_param(
-            rngs, init, (e, f, d), ("experts", "expert_mlp", "embed"), param_dtype, stack
-        )
+        self.w_down = make_param(rngs, init, (e, f, d), ("experts", "expert_mlp", "embed"), param_dtype, stack)
         self.shared = (
             MLP(
                 cfg,
@@ -178,9 +172,7 @@ class MoEBlock(nnx.Module):
         b, t, d = x.shape
         flat = x.reshape(b * t, d).astype(self.dtype)  # [N, D]
         routing = route(flat, self.router[...], self.correction_bias[...], k=self.k, norm_min=self.norm_min)
-        stats = router_stats(
-            routing, k=self.k, token_mask=None if token_mask is None else token_mask.reshape(-1)
-        )
+        stats = router_stats(routing, k=self.k, token_mask=None if token_mask is None else token_mask.reshape(-1))
         y = dropless_moe(
             flat,
             routing,

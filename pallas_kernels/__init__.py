@@ -19,9 +19,7 @@ def _resolve(implementation: str, op: str) -> str:
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"{op}: implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     if implementation == "pallas":
-        raise NotImplementedError(
-            f"{op}: no Pallas kernel is available yet; use implementation='xla' or 'auto'"
-        )
+        raise NotImplementedError(f"{op}: no Pallas kernel is available yet; use implementation='xla' or 'auto'")
     return "xla"
 
 

@@ -57,14 +57,10 @@ def make_mesh(
 ) -> Mesh:
     """A mesh over (dcn, data, fsdp, expert, tensor); -1 takes the remaining devices."""
     devices = list(jax.devices() if devices is None else devices)
-    shape = resolve_mesh_shape(
-        {DCN: dcn, DATA: data, FSDP: fsdp, EXPERT: expert, TENSOR: tensor}, len(devices)
-    )
+    shape = resolve_mesh_shape({DCN: dcn, DATA: data, FSDP: fsdp, EXPERT: expert, TENSOR: tensor}, len(devices))
     dims = tuple(shape[a] for a in MESH_AXES)
     try:
-        arr = jax.experimental.mesh_utils.create_device_mesh(
-            dims, devices=devices, allow_split_physical_axes=True
-        )
+        arr = jax.experimental.mesh_utils.create_device_mesh(dims, devices=devices, allow_split_physical_axes=True)
     except Exception:  # noqa: BLE001 - non-TPU or irregular device sets: plain row-major order is fine
         arr = np.asarray(devices).reshape(dims)
     return Mesh(arr, MESH_AXES)

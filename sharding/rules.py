@@ -69,9 +69,7 @@ def logical_to_spec(
         axes = tuple(a for a in _as_tuple(table[logical]) if a in mesh.shape and mesh.shape[a] > 1)
         for a in axes:
             if a in used:
-                raise ShardingError(
-                    f"{name}: mesh axis {a!r} would shard two dimensions {tuple(logical_axes)}"
-                )
+                raise ShardingError(f"{name}: mesh axis {a!r} would shard two dimensions {tuple(logical_axes)}")
             used.add(a)
         if shape is not None and axes:
             size = 1
@@ -98,7 +96,7 @@ def state_shardings(state, mesh: Mesh, rules=DEFAULT_RULES):
         axes = var.get_metadata().get("logical_axes")
         if axes is None:
             raise ShardingError(f"{'.'.join(map(str, path))}: parameter has no logical_axes metadata")
-        return var.replace(named_sharding(axes, mesh, rules, var.value.shape, ".".join(map(str, path))))
+        return var.replace(named_sharding(axes, mesh, rules, var.get_value().shape, ".".join(map(str, path))))
 
     return nnx.map_state(one, state)
 

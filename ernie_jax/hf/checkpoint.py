@@ -66,9 +66,7 @@ class SafetensorsReader:
         if filename not in self._handles:
             path = os.path.join(self.directory, filename)
             if not os.path.exists(path):
-                raise CheckpointError(
-                    f"{path}: listed in {INDEX_FILE} but missing; the checkpoint is incomplete"
-                )
+                raise CheckpointError(f"{path}: listed in {INDEX_FILE} but missing; the checkpoint is incomplete")
             self._handles[filename] = safetensors.safe_open(path, framework="np")
         return self._handles[filename]
 
@@ -103,9 +101,7 @@ def _validate(reader: SafetensorsReader, cfg: ErnieConfig, maps: list[TensorMap]
         )
     mtp = [k for k in ignored if "mtp" in k]
     if mtp:
-        log.info(
-            "Skipping %d multi-token-prediction tensors (%s, ...): MTP is not modelled.", len(mtp), mtp[0]
-        )
+        log.info("Skipping %d multi-token-prediction tensors (%s, ...): MTP is not modelled.", len(mtp), mtp[0])
     for key, want in expected.items():
         got = reader.shape(key)
         if got != want:
@@ -154,9 +150,7 @@ def from_pretrained(
     graphdef, state = nnx.split(abstract_model(cfg, dtype=dtype, param_dtype=dtype, options=options))
     flat = dict(nnx.to_flat_state(state))
     if set(flat) != {m.path for m in maps}:
-        raise AssertionError(
-            f"internal: HF name map out of sync with the model: {set(flat) ^ {m.path for m in maps}}"
-        )
+        raise AssertionError(f"internal: HF name map out of sync with the model: {set(flat) ^ {m.path for m in maps}}")
     default_sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     total = sum(int(np.prod(m.shape)) for m in maps)
     with tqdm(total=total, unit="param", unit_scale=True, desc="loading", disable=not progress) as bar:
@@ -166,9 +160,7 @@ def from_pretrained(
             if mesh is None:
                 target = default_sharding
             else:
-                target = sharding.named_sharding(
-                    var.get_metadata()["logical_axes"], mesh, rules, m.shape, m.name
-                )
+                target = sharding.named_sharding(var.get_metadata()["logical_axes"], mesh, rules, m.shape, m.name)
             value = jax.make_array_from_callback(m.shape, target, _loader(reader, m, np_dtype))
             flat[m.path] = var.replace(value)
             bar.update(int(np.prod(m.shape)))
@@ -204,7 +196,7 @@ def save_pretrained(
     path = os.fspath(path)
     cfg = model.config
     flat = dict(nnx.to_flat_state(nnx.state(model)))
-    out_dtype = dtype or flat[("embed",)].value.dtype
+    out_dtype = dtype or flat[("embed",)].get_value().dtype
     plan = list(_hf_tensors(model, out_dtype))
     shards: list[list[tuple[str, TensorMap, tuple, np.dtype]]] = [[]]
     size = 0
@@ -232,7 +224,7 @@ def save_pretrained(
                     # Fetch one repeat's slab at a time (e.g. all experts of one layer), not one tensor per expert.
                     lead0 = idx[:1]
                     if slab_key != (m.path, lead0):
-                        value = flat[m.path].value
+                        value = flat[m.path].get_value()
                         slab = np.asarray(jax.device_get(value[lead0] if lead0 else value))
                         slab_key = (m.path, lead0)
                     local = slab[idx[1:]] if len(idx) > 1 else slab

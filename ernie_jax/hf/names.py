@@ -134,14 +134,10 @@ def tensor_maps(cfg: ErnieConfig) -> list[TensorMap]:
             lambda w: w,
         ),
     ]
-    for g, ((pattern, _), indices) in enumerate(
-        zip(cfg.layer_groups, cfg.group_layer_indices(), strict=True)
-    ):
+    for g, ((pattern, _), indices) in enumerate(zip(cfg.layer_groups, cfg.group_layer_indices(), strict=True)):
         for p, kind in enumerate(pattern):
             layers = indices[p]
-            for local, suffix, (hf_shape, local_shape, to_local, to_hf), per_expert, fp32 in _layer_entries(
-                cfg, kind
-            ):
+            for local, suffix, (hf_shape, local_shape, to_local, to_hf), per_expert, fp32 in _layer_entries(cfg, kind):
                 if per_expert:
                     keys = np.array(
                         [
@@ -176,9 +172,7 @@ def tensor_maps(cfg: ErnieConfig) -> list[TensorMap]:
     if not cfg.tie_word_embeddings:
         hf_shape, local_shape, to_local, to_hf = _linear(v, d)
         maps.append(
-            TensorMap(
-                ("lm_head",), np.array("lm_head.weight", dtype=object), hf_shape, local_shape, to_local, to_hf
-            )
+            TensorMap(("lm_head",), np.array("lm_head.weight", dtype=object), hf_shape, local_shape, to_local, to_hf)
         )
     if cfg.lm_head_has_bias:
         maps.append(

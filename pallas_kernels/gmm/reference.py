@@ -9,9 +9,7 @@ import jax
 import jax.numpy as jnp
 
 
-def gmm_reference(
-    lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, preferred_element_type=None
-) -> jax.Array:
+def gmm_reference(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, preferred_element_type=None) -> jax.Array:
     """[M, K] x [G, K, N] -> [M, N] by `jax.lax.ragged_dot`.
 
     Exact, differentiable, and lowered natively on TPU; on CPU XLA expands it densely (G times the FLOPs), so it
