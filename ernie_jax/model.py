@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import sharding
 from ernie_jax.config import ErnieConfig, LayerKind
 from ernie_jax.layers import MLP, Attention, RMSNorm, make_param, normal_init, zeros_init
 from ernie_jax.moe import MoEBlock, RouterStats
@@ -106,7 +107,7 @@ class LayerGroup(nnx.Module):
             for layer in layers:
                 carry, layer_stats = layer(carry, positions, segment_ids, token_mask)
                 stats.append(layer_stats)
-            return carry, tuple(stats)
+            return sharding.shard(carry, "batch", "seq", "act_embed"), tuple(stats)
 
         if REMAT_POLICIES[self.remat] is not None or self.remat == "full":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
@@ -172,6 +173,7 @@ class ErnieForCausalLM(nnx.Module):
             token_mask = valid if token_mask is None else token_mask & valid
             segment_ids = valid.astype(jnp.int32) if segment_ids is None else jnp.where(valid, segment_ids, 0)
         h = jnp.take(self.embed[...], input_ids, axis=0).astype(self.dtype)  # [B, T, D]
+        h = sharding.shard(h, "batch", "seq", "act_embed")
         router_stats = []
         for group in self.groups:
             h, stats = group(h, positions, segment_ids, token_mask)

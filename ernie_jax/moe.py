@@ -13,6 +13,7 @@ Everything here except `MoEBlock` is a plain function on arrays, so the expert-p
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -20,6 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import pallas_kernels
+import sharding
 from ernie_jax.config import ErnieConfig
 from ernie_jax.layers import MLP, make_param, normal_init, zeros_init
 
@@ -173,14 +175,24 @@ class MoEBlock(nnx.Module):
         flat = x.reshape(b * t, d).astype(self.dtype)  # [N, D]
         routing = route(flat, self.router[...], self.correction_bias[...], k=self.k, norm_min=self.norm_min)
         stats = router_stats(routing, k=self.k, token_mask=None if token_mask is None else token_mask.reshape(-1))
-        y = dropless_moe(
-            flat,
-            routing,
-            self.w_gate[...].astype(self.dtype),
-            self.w_up[...].astype(self.dtype),
-            self.w_down[...].astype(self.dtype),
-            gmm_impl=self.gmm_impl,
-        )
+        w_gate, w_up, w_down = (w[...].astype(self.dtype) for w in (self.w_gate, self.w_up, self.w_down))
+        ctx = sharding.active()
+        if ctx is not None and ctx.mesh.size > 1:
+            expert_fn = functools.partial(expert_swiglu, gmm_impl=self.gmm_impl)
+            y = sharding.expert_parallel_moe(
+                flat,
+                routing.experts,
+                routing.weights,
+                w_gate,
+                w_up,
+                w_down,
+                mesh=ctx.mesh,
+                rules=ctx.rules,
+                transport=ctx.moe_transport,
+                expert_fn=expert_fn,
+            )
+        else:
+            y = dropless_moe(flat, routing, w_gate, w_up, w_down, gmm_impl=self.gmm_impl)
         if self.shared is not None:
             y = y + self.shared(flat)
         return y.reshape(b, t, d), stats

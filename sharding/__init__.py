@@ -1,5 +1,7 @@
 """Meshes, the logical-axis rules table and sharding helpers. The only place mesh axis names appear."""
 
+from sharding.context import MOE_TRANSPORTS, ShardingContext, active, shard, use_mesh
+from sharding.expert_parallel import expert_parallel_moe
 from sharding.mesh import MeshError, make_mesh, resolve_mesh_shape
 from sharding.rules import (
     DEFAULT_RULES,
@@ -11,6 +13,12 @@ from sharding.rules import (
 )
 
 __all__ = [
+    "MOE_TRANSPORTS",
+    "ShardingContext",
+    "active",
+    "expert_parallel_moe",
+    "shard",
+    "use_mesh",
     "DEFAULT_RULES",
     "MeshError",
     "ShardingError",

@@ -1,0 +1,204 @@
+"""Expert-parallel dropless MoE inside `jax.shard_map`.
+
+Routing happens outside (plain jnp under jit). Inside the shard_map each device holds E/EP experts, whose hidden
+dim D is FSDP-sharded and whose width F is tensor-sharded, and its own slice of the tokens. Two transports move
+tokens to their experts; both are dropless:
+
+- "allgather": all-gather the EP group's tokens, compute the local experts' share of every assignment, then
+  `psum_scatter` the partial outputs back to their owners. Runs on CPU, TPU and GPU. Each device touches EP times
+  its own tokens (the buffer is N_local * EP * k rows), traded for simple, always-available collectives.
+- "ragged_a2a": send each assignment only to the device owning its expert with `ragged_all_to_all`, and return
+  the results the same way. Communication proportional to real traffic. XLA:CPU does not implement it (TPU v4+
+  and GPU only).
+
+`expert_fn(xs, group_sizes, w_gate, w_up, w_down)` computes SwiGLU for rows sorted by local expert; rows past
+sum(group_sizes) are ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec
+
+from sharding.rules import DEFAULT_RULES, ShardingError, _as_tuple, logical_to_spec
+
+ExpertFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+
+WEIGHT_AXES = {
+    "w_gate": ("experts", "embed", "expert_mlp"),
+    "w_up": ("experts", "embed", "expert_mlp"),
+    "w_down": ("experts", "expert_mlp", "embed"),
+}
+
+
+def _axes(entry) -> tuple[str, ...]:
+    return _as_tuple(entry)
+
+
+def _local_expert_sort(local_ids: jax.Array, num_local: int) -> tuple[jax.Array, jax.Array]:
+    """Order rows by local expert id (id == num_local marks rows for other devices, sorted last); group sizes."""
+    order = jnp.argsort(local_ids, stable=True)
+    group_sizes = jnp.bincount(local_ids, length=num_local + 1)[:num_local].astype(jnp.int32)
+    return order, group_sizes
+
+
+def _run_experts(rows: jax.Array, local_ids: jax.Array, num_local: int, weights, expert_fn: ExpertFn) -> jax.Array:
+    """Expert SwiGLU for rows tagged with local expert ids; rows of other devices' experts give zeros."""
+    order, group_sizes = _local_expert_sort(local_ids, num_local)
+    ys = expert_fn(rows[order], group_sizes, *weights)  # [M, D]
+    valid = jnp.arange(rows.shape[0]) < group_sizes.sum()
+    ys = jnp.where(valid[:, None], ys, 0)
+    return jnp.zeros_like(ys).at[order].set(ys)
+
+
+def _allgather_body(x, experts, weights, w_gate, w_up, w_down, *, expert_fn, ep_axes, gather_tokens, d_axes, f_axes):
+    # x [n, D]; experts, weights [n, k]; w_gate/w_up [E_loc, D/fsdp, F/tp]; w_down [E_loc, F/tp, D/fsdp]
+    if d_axes:  # FSDP: gather the hidden dim of this layer's expert weights just in time
+        w_gate = jax.lax.all_gather(w_gate, d_axes, axis=1, tiled=True)
+        w_up = jax.lax.all_gather(w_up, d_axes, axis=1, tiled=True)
+        w_down = jax.lax.all_gather(w_down, d_axes, axis=2, tiled=True)
+    if gather_tokens:
+        x = jax.lax.all_gather(x, ep_axes, axis=0, tiled=True)  # [n * EP, D]
+        experts = jax.lax.all_gather(experts, ep_axes, axis=0, tiled=True)
+        weights = jax.lax.all_gather(weights, ep_axes, axis=0, tiled=True)
+    n, k = experts.shape
+    e_loc = w_gate.shape[0]
+    first = jax.lax.axis_index(ep_axes) * e_loc if ep_axes else 0
+    local = experts - first  # [n, k]
+    is_local = (local >= 0) & (local < e_loc)
+    local_ids = jnp.where(is_local, local, e_loc).reshape(-1)  # [n * k]
+    rows = x[jnp.arange(n * k) // k]  # [n * k, D] each assignment's token
+    ys = _run_experts(rows, local_ids, e_loc, (w_gate, w_up, w_down), expert_fn).reshape(n, k, -1)
+    y = jnp.einsum("NKD,NK->ND", ys.astype(jnp.float32), jnp.where(is_local, weights, 0.0))
+    if f_axes:  # tensor-parallel down projection: partial sums over the F shards
+        y = jax.lax.psum(y, f_axes)
+    if ep_axes:
+        y = (
+            jax.lax.psum_scatter(y, ep_axes, scatter_dimension=0, tiled=True)
+            if gather_tokens
+            else jax.lax.psum(y, ep_axes)
+        )
+    return y
+
+
+def _ragged_body(x, experts, weights, w_gate, w_up, w_down, *, expert_fn, ep_axes, d_axes, f_axes):
+    if d_axes:
+        w_gate = jax.lax.all_gather(w_gate, d_axes, axis=1, tiled=True)
+        w_up = jax.lax.all_gather(w_up, d_axes, axis=1, tiled=True)
+        w_down = jax.lax.all_gather(w_down, d_axes, axis=2, tiled=True)
+    n, k = experts.shape
+    d = x.shape[-1]
+    e_loc = w_gate.shape[0]
+    ep = jax.lax.axis_size(ep_axes)
+    me = jax.lax.axis_index(ep_axes)
+    flat = experts.reshape(-1)
+    order = jnp.argsort(flat, stable=True)  # by global expert, hence grouped by destination device
+    send_rows = x[order // k]  # [n * k, D]
+    counts = jnp.bincount(flat, length=ep * e_loc).astype(jnp.int32)  # [E] assignments per expert, this device
+    all_counts = jax.lax.all_gather(counts, ep_axes, axis=0, tiled=False)  # [EP_src, E]
+    traffic = all_counts.reshape(ep, ep, e_loc).sum(-1)  # [src, dst] rows sent
+    send_sizes = traffic[me]
+    input_offsets = jnp.cumsum(send_sizes) - send_sizes
+    output_offsets = (jnp.cumsum(traffic, axis=0) - traffic)[me]  # where my rows land in each receiver's buffer
+    recv_sizes = traffic[:, me]
+    capacity = n * k * ep  # worst case: every assignment of the EP group lands here (dropless)
+    received = jax.lax.ragged_all_to_all(
+        send_rows,
+        jnp.zeros((capacity, d), x.dtype),
+        input_offsets,
+        send_sizes,
+        output_offsets,
+        recv_sizes,
+        axis_name=ep_axes,
+    )
+    # Received rows come grouped by source, each source's rows sorted by (local) expert.
+    seg_sizes = jax.lax.dynamic_slice_in_dim(all_counts, me * e_loc, e_loc, axis=1).reshape(-1)  # [src * E_loc]
+    seg = jnp.searchsorted(jnp.cumsum(seg_sizes), jnp.arange(capacity), side="right")
+    local_ids = jnp.where(seg < ep * e_loc, seg % e_loc, e_loc)
+    ys = _run_experts(received, local_ids, e_loc, (w_gate, w_up, w_down), expert_fn)  # [capacity, D]
+    if f_axes:
+        ys = jax.lax.psum(ys, f_axes)
+    back_offsets = (jnp.cumsum(traffic, axis=1) - traffic)[:, me]  # where each source's rows started
+    returned = jax.lax.ragged_all_to_all(
+        ys.astype(x.dtype),
+        jnp.zeros((n * k, d), x.dtype),
+        jnp.cumsum(recv_sizes) - recv_sizes,
+        recv_sizes,
+        back_offsets,
+        send_sizes,
+        axis_name=ep_axes,
+    )
+    ys = jnp.zeros_like(returned).at[order].set(returned).reshape(n, k, d)
+    return jnp.einsum("NKD,NK->ND", ys.astype(jnp.float32), weights)
+
+
+def expert_parallel_moe(
+    x: jax.Array,
+    experts: jax.Array,
+    weights: jax.Array,
+    w_gate: jax.Array,
+    w_up: jax.Array,
+    w_down: jax.Array,
+    *,
+    mesh: Mesh,
+    expert_fn: ExpertFn,
+    rules=DEFAULT_RULES,
+    transport: str = "allgather",
+    check_vma: bool = True,
+) -> jax.Array:
+    """Dropless MoE over `mesh`. x [N, D] tokens; experts, weights [N, k] from routing; expert weights as stored
+    (w_gate/w_up [E, D, F], w_down [E, F, D]) with their parameter shardings. Returns [N, D] in x's dtype."""
+    num_experts = w_gate.shape[0]
+    token_spec = logical_to_spec(("batch", None), mesh, rules)
+    tok_axes = _axes(token_spec[0])
+    w_specs = {
+        name: logical_to_spec(axes, mesh, rules, shape=w.shape, name=name)
+        for (name, axes), w in zip(WEIGHT_AXES.items(), (w_gate, w_up, w_down), strict=True)
+    }
+    ep_axes = _axes(w_specs["w_gate"][0])
+    d_axes = _axes(w_specs["w_gate"][1])
+    f_axes = _axes(w_specs["w_gate"][2])
+    ep = 1
+    for a in ep_axes:
+        ep *= mesh.shape[a]
+    if num_experts % ep:
+        raise ShardingError(
+            f"moe: {num_experts} experts cannot be split over expert-parallel mesh axes {ep_axes} of size {ep}; "
+            "choose an expert-parallel size that divides the number of experts"
+        )
+    shards = 1
+    for a in tok_axes:
+        shards *= mesh.shape[a]
+    if x.shape[0] % shards:
+        raise ShardingError(
+            f"moe: {x.shape[0]} tokens (batch * seq) are not divisible by the {shards} batch shards over {tok_axes}; "
+            "use a global batch divisible by data * fsdp * expert"
+        )
+    gather_tokens = bool(ep_axes) and all(a in tok_axes for a in ep_axes)
+    if transport == "ragged_a2a":
+        if mesh.devices.flat[0].platform == "cpu":
+            raise NotImplementedError(
+                "moe transport 'ragged_a2a' needs TPU v4+ or GPU: XLA:CPU does not implement ragged-all-to-all. "
+                "Use moe_transport='allgather' on CPU."
+            )
+        if not gather_tokens:
+            raise ShardingError("moe transport 'ragged_a2a' needs tokens sharded over the expert axes as well")
+        body = lambda *a: _ragged_body(*a, expert_fn=expert_fn, ep_axes=ep_axes, d_axes=d_axes, f_axes=f_axes)
+    elif transport == "allgather":
+        body = lambda *a: _allgather_body(
+            *a, expert_fn=expert_fn, ep_axes=ep_axes, gather_tokens=gather_tokens, d_axes=d_axes, f_axes=f_axes
+        )
+    else:
+        raise ValueError(f"moe transport must be 'allgather' or 'ragged_a2a', got {transport!r}")
+    row_spec = PartitionSpec(token_spec[0], None)
+    out = jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(row_spec, row_spec, row_spec, w_specs["w_gate"], w_specs["w_up"], w_specs["w_down"]),
+        out_specs=row_spec,
+        check_vma=check_vma,
+    )(x, experts, weights.astype(jnp.float32), w_gate, w_up, w_down)
+    return out.astype(x.dtype)
