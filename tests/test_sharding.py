@@ -69,7 +69,9 @@ def test_sharding_logits_and_grads_match_single_device(mesh_name):
     print(f"[sharding] {mesh_name}: max|dlogit|={worst_logit:.2e} max|dgrad|={worst_grad:.2e}")
     w_gate = placed["groups"][1]["layers"][0]["ffn"]["w_gate"].get_value()  # [R, E, D, F]
     if mesh.shape["expert"] > 1:
-        assert all(s.data.shape[1] < CFG.moe_num_experts for s in w_gate.addressable_shards), "a device holds all experts"
+        assert all(s.data.shape[1] < CFG.moe_num_experts for s in w_gate.addressable_shards), (
+            "a device holds all experts"
+        )
 
 
 def _skewed_routing(n, k, num_experts, key):
@@ -94,8 +96,9 @@ def test_sharding_ep_moe_matches_dense_oracle_with_empty_experts(mesh_name):
     mesh = _mesh(MESHES[mesh_name])
 
     def ep(x, w_gate, w_up, w_down, weights):
-        return sharding.expert_parallel_moe(x, routing.experts, weights, w_gate, w_up, w_down, mesh=mesh,
-                                            expert_fn=expert_swiglu)
+        return sharding.expert_parallel_moe(
+            x, routing.experts, weights, w_gate, w_up, w_down, mesh=mesh, expert_fn=expert_swiglu
+        )
 
     def oracle(x, w_gate, w_up, w_down, weights):
         return dense_moe_oracle(x, routing._replace(weights=weights), w_gate, w_up, w_down)
@@ -114,17 +117,33 @@ def test_sharding_experts_not_divisible_by_expert_axis_is_a_clear_error():
     x = jnp.zeros((8, 16))
     w = jnp.zeros((6, 16, 8))
     with pytest.raises(sharding.ShardingError, match="experts"):
-        sharding.expert_parallel_moe(x, jnp.zeros((8, 2), jnp.int32), jnp.zeros((8, 2)), w, w,
-                                     jnp.zeros((6, 8, 16)), mesh=mesh, expert_fn=expert_swiglu)
+        sharding.expert_parallel_moe(
+            x,
+            jnp.zeros((8, 2), jnp.int32),
+            jnp.zeros((8, 2)),
+            w,
+            w,
+            jnp.zeros((6, 8, 16)),
+            mesh=mesh,
+            expert_fn=expert_swiglu,
+        )
 
 
 def test_sharding_ragged_all_to_all_refuses_cpu_with_the_fix():
     mesh = _mesh(dict(data=1, expert=8))
     w = jnp.zeros((8, 16, 8))
     with pytest.raises(NotImplementedError, match="allgather"):
-        sharding.expert_parallel_moe(jnp.zeros((16, 16)), jnp.zeros((16, 2), jnp.int32), jnp.zeros((16, 2)), w, w,
-                                     jnp.zeros((8, 8, 16)), mesh=mesh, expert_fn=expert_swiglu,
-                                     transport="ragged_a2a")
+        sharding.expert_parallel_moe(
+            jnp.zeros((16, 16)),
+            jnp.zeros((16, 2), jnp.int32),
+            jnp.zeros((16, 2)),
+            w,
+            w,
+            jnp.zeros((8, 8, 16)),
+            mesh=mesh,
+            expert_fn=expert_swiglu,
+            transport="ragged_a2a",
+        )
 
 
 def test_sharding_mesh_errors_name_the_fix():
@@ -147,8 +166,9 @@ def a3b_param_specs() -> dict[str, list]:
     out = {}
     for path, var in nnx.to_flat_state(state):
         name = ".".join(map(str, path))
-        spec = sharding.logical_to_spec(var.get_metadata()["logical_axes"], mesh, shape=var.get_value().shape,
-                                        name=name)
+        spec = sharding.logical_to_spec(
+            var.get_metadata()["logical_axes"], mesh, shape=var.get_value().shape, name=name
+        )
         out[name] = [list(s) if isinstance(s, tuple) else s for s in spec] + [None] * (
             len(var.get_value().shape) - len(spec)
         )
