@@ -1,8 +1,12 @@
 """Kernel entry points. The model and the MoE call these ops only through this module.
 
-`implementation`: "auto" | "xla" | "pallas". "xla" is the pure-jnp twin (reference.py of each op). Pallas kernels
-for TPU and GPU are selected by "auto" on those platforms once they land (issue 4); until then "auto" is "xla"
-everywhere and "pallas" raises.
+`implementation`: "auto" | "xla" | "pallas".
+  "xla": the pure-jnp twin (reference.py of each op).
+  "pallas": the Pallas kernel for the platform: Mosaic on TPU, Triton on GPU; on CPU the TPU kernel runs in the
+    Pallas interpreter (how the tests exercise it: slow, for correctness only).
+  "auto": Pallas on TPU and GPU, the twin on CPU.
+`kernel=` ("tpu" | "gpu") and `interpret=` override the platform's choice, e.g. for AOT-compiling the TPU kernel
+from a CPU host (kernel="tpu", interpret=False) or interpreting the GPU kernel on CPU (kernel="gpu").
 """
 
 from __future__ import annotations
@@ -18,9 +22,18 @@ IMPLEMENTATIONS = ("auto", "xla", "pallas")
 def _resolve(implementation: str, op: str) -> str:
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"{op}: implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
-    if implementation == "pallas":
-        raise NotImplementedError(f"{op}: no Pallas kernel is available yet; use implementation='xla' or 'auto'")
-    return "xla"
+    if implementation == "auto":
+        return "pallas" if jax.default_backend() in ("tpu", "gpu") else "xla"
+    return implementation
+
+
+def _kernel_and_interpret(kernel: str | None, interpret) -> tuple[str, object]:
+    backend = jax.default_backend()
+    if kernel is None:
+        kernel = "gpu" if backend == "gpu" else "tpu"
+    if interpret is None:
+        interpret = backend == "cpu"
+    return kernel, interpret
 
 
 def gmm(
@@ -30,10 +43,27 @@ def gmm(
     *,
     preferred_element_type=None,
     implementation: str = "auto",
+    group_offset: jax.Array | int | None = None,
+    tiling: tuple[int, int, int] | None = None,
+    kernel: str | None = None,
+    interpret=None,
 ) -> jax.Array:
-    """Grouped matmul [M, K] x [G, K, N] -> [M, N]; lhs rows sorted by group, group_sizes [G] int32."""
-    _resolve(implementation, "gmm")
-    return gmm_reference(lhs, rhs, group_sizes, preferred_element_type=preferred_element_type)
+    """Grouped matmul [M, K] x [G_local, K, N] -> [M, N]; lhs rows sorted by group, group_sizes [G] int32.
+
+    With group_offset, rhs holds groups group_offset .. group_offset + G_local - 1 and the rows of every other
+    group come out zero (an expert-parallel shard). See `pallas_kernels.gmm.ops.gmm` for the kernel arguments.
+    """
+    if _resolve(implementation, "gmm") == "xla":
+        return gmm_reference(
+            lhs, rhs, group_sizes, preferred_element_type=preferred_element_type, group_offset=group_offset
+        )
+    from pallas_kernels.gmm import ops
+
+    kernel, interpret = _kernel_and_interpret(kernel, interpret)
+    return ops.gmm(
+        lhs, rhs, group_sizes, group_offset=group_offset, preferred_element_type=preferred_element_type,
+        tiling=tiling, kernel=kernel, interpret=interpret,
+    )  # fmt: skip
 
 
 def flash_attention(
@@ -47,7 +77,9 @@ def flash_attention(
     implementation: str = "auto",
 ) -> jax.Array:
     """Causal GQA attention. q [B, T, N, H], k/v [B, S, K, H], segment_ids [B, T] -> [B, T, N, H]."""
-    _resolve(implementation, "flash_attention")
+    # "auto" stays on the twin until the attention kernels land.
+    if implementation != "auto" and _resolve(implementation, "flash_attention") == "pallas":
+        raise NotImplementedError("flash_attention: no Pallas kernel is available yet; use implementation='xla'")
     return attention_reference(q, k, v, causal=causal, segment_ids=segment_ids, sm_scale=sm_scale)
 
 
