@@ -75,12 +75,26 @@ def flash_attention(
     segment_ids: jax.Array | None = None,
     sm_scale: float | None = None,
     implementation: str = "auto",
+    kv_segment_ids: jax.Array | None = None,
+    block_sizes: tuple[int, int] | None = None,
+    kernel: str | None = None,
+    interpret=None,
 ) -> jax.Array:
-    """Causal GQA attention. q [B, T, N, H], k/v [B, S, K, H], segment_ids [B, T] -> [B, T, N, H]."""
-    # "auto" stays on the twin until the attention kernels land.
-    if implementation != "auto" and _resolve(implementation, "flash_attention") == "pallas":
-        raise NotImplementedError("flash_attention: no Pallas kernel is available yet; use implementation='xla'")
-    return attention_reference(q, k, v, causal=causal, segment_ids=segment_ids, sm_scale=sm_scale)
+    """Causal GQA attention. q [B, T, N, H], k/v [B, S, K, H], segment_ids [B, T] -> [B, T, N, H].
+
+    See `pallas_kernels.flash_attention.ops.flash_attention` for the kernel arguments.
+    """
+    if _resolve(implementation, "flash_attention") == "xla":
+        return attention_reference(
+            q, k, v, causal=causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, sm_scale=sm_scale
+        )
+    from pallas_kernels.flash_attention import ops
+
+    kernel, interpret = _kernel_and_interpret(kernel, interpret)
+    return ops.flash_attention(
+        q, k, v, causal=causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, sm_scale=sm_scale,
+        block_sizes=block_sizes, kernel=kernel, interpret=interpret,
+    )  # fmt: skip
 
 
 __all__ = ["flash_attention", "gmm", "attention_reference", "gmm_reference"]

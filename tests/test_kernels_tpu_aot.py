@@ -105,3 +105,36 @@ def test_gmm_fp32_compiles(topology):
         .compile()
     )
     assert _mosaic_calls(compiled) == 1
+
+
+@pytest.mark.parametrize("topology", TOPOLOGIES)
+@pytest.mark.parametrize("packed", [True, False], ids=["segments", "causal_only"])
+def test_flash_attention_compiles(topology, packed):
+    """Causal GQA flash attention (20 q / 4 kv heads of 128), forward and dq/dkv, batch sharded over devices."""
+    mesh = tpu_mesh(topology, "data")
+    shards = mesh.shape["data"]
+    seq = 2048
+
+    def body(q, k, v, segment_ids):
+        def loss(q, k, v):
+            out = pallas_kernels.flash_attention(
+                q, k, v, segment_ids=segment_ids if packed else None, implementation="pallas", kernel="tpu",
+                interpret=False,
+            )  # fmt: skip
+            return jnp.sum(out.astype(jnp.float32) ** 2)
+
+        return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    d = P("data")
+    fn = jax.shard_map(body, mesh=mesh, in_specs=(d, d, d, d), out_specs=(d, d, d))
+    compiled = (
+        jax.jit(fn)
+        .lower(
+            _sds(mesh, (shards, seq, HEADS, HEAD_DIM), jnp.bfloat16, d),
+            _sds(mesh, (shards, seq, KV_HEADS, HEAD_DIM), jnp.bfloat16, d),
+            _sds(mesh, (shards, seq, KV_HEADS, HEAD_DIM), jnp.bfloat16, d),
+            _sds(mesh, (shards, seq), jnp.int32, d),
+        )
+        .compile()
+    )
+    assert _mosaic_calls(compiled) == 3  # forward, dq, dkv
