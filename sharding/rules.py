@@ -13,12 +13,12 @@ from collections.abc import Sequence
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from sharding.mesh import DATA, EXPERT, FSDP, TENSOR
+from sharding.mesh import DATA, DCN, EXPERT, FSDP, TENSOR
 
 MeshAxes = str | tuple[str, ...] | None
 
 # FSDP shards a hidden dimension of every weight; experts go over the expert axis; heads and FFN width over the
-# tensor axis. Activations: batch over data and fsdp (FSDP is data parallelism with sharded weights).
+# tensor axis. Activations: batch over dcn, data, fsdp and expert (FSDP and EP shard the batch too).
 DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("vocab", TENSOR),
     ("embed", FSDP),
@@ -31,7 +31,7 @@ DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("router_experts", None),
     ("layers", None),
     ("norm", None),
-    ("batch", (DATA, FSDP, EXPERT)),
+    ("batch", (DCN, DATA, FSDP, EXPERT)),  # multi-slice: data parallel over DCN, everything else inside a slice
     ("seq", None),
     ("act_embed", None),
     ("act_heads", TENSOR),
