@@ -1,0 +1,74 @@
+"""DataConfig: everything that determines the token stream (and so must match when an iterator is restored)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+BUILTIN_PYTHON_DOCS = "builtin:python-docs"
+TXT_SPLITS = ("blank_line", "line", "file")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Input pipeline settings.
+
+    Attributes:
+        sources: File paths or globs (local, ``gs://`` and anything else ``etils.epath`` opens), or
+            ``"builtin:python-docs"``: the Python documentation topics shipped with every CPython install
+            (``pydoc_data.topics``), one document per topic, so the default needs no download.
+        text_field: Field holding the document text in jsonl lines, parquet rows and JSON ArrayRecord records.
+        tokenizer: ``"bytes"`` (UTF-8 bytes, vocab 259) or a path to a directory holding ``tokenizer.model``
+            (ERNIE's SentencePiece model) or to the ``.model`` file itself.
+        seq_len: Tokens per packed row (the model's sequence length).
+        global_batch_size: Rows per step summed over all processes.
+        seed: Seed of the document shuffle; the stream is a pure function of the config and the seed.
+        shuffle: Shuffle documents (a fresh permutation each epoch).
+        num_epochs: Passes over the data; None repeats forever (what a step-driven trainer wants).
+        add_bos: Prepend bos to each document.
+        add_eos: Append eos to each document, so the model learns where documents end.
+        txt_split: How ``.txt`` files split into documents: ``"blank_line"`` (paragraph blocks separated by
+            empty lines), ``"line"`` or ``"file"`` (the whole file is one document).
+        worker_count: Grain worker processes (0 = in-process, the sensible default on small CPU hosts).
+        read_threads: Threads that read and tokenize documents ahead of packing.
+    """
+
+    sources: tuple[str, ...] = (BUILTIN_PYTHON_DOCS,)
+    text_field: str = "text"
+    tokenizer: str = "bytes"
+    seq_len: int = 256
+    global_batch_size: int = 8
+    seed: int = 0
+    shuffle: bool = True
+    num_epochs: int | None = None
+    add_bos: bool = False
+    add_eos: bool = True
+    txt_split: str = "blank_line"
+    worker_count: int = 0
+    read_threads: int = 4
+
+    def __post_init__(self):
+        # A bare string is the most common slip (`sources="a.jsonl"` would otherwise iterate its characters).
+        sources = (self.sources,) if isinstance(self.sources, str) else tuple(self.sources)
+        object.__setattr__(self, "sources", sources)
+        if not sources or not all(isinstance(s, str) and s for s in sources):
+            raise ValueError(f"DataConfig.sources must be a non-empty tuple of non-empty strings, got {self.sources!r}")
+        if not isinstance(self.text_field, str) or not self.text_field:
+            raise ValueError(f"DataConfig.text_field must be a non-empty string, got {self.text_field!r}")
+        if not isinstance(self.tokenizer, str) or not self.tokenizer:
+            raise ValueError(f"DataConfig.tokenizer must be 'bytes' or a path, got {self.tokenizer!r}")
+        for name in ("seq_len", "global_batch_size", "read_threads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"DataConfig.{name} must be a positive int, got {value!r}")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise ValueError(f"DataConfig.seed must be an int in [0, 2**32), got {self.seed!r}")
+        if self.num_epochs is not None and (not isinstance(self.num_epochs, int) or self.num_epochs < 1):
+            raise ValueError(f"DataConfig.num_epochs must be None (forever) or a positive int, got {self.num_epochs!r}")
+        if not isinstance(self.worker_count, int) or self.worker_count < 0:
+            raise ValueError(f"DataConfig.worker_count must be an int >= 0, got {self.worker_count!r}")
+        if self.txt_split not in TXT_SPLITS:
+            raise ValueError(f"DataConfig.txt_split must be one of {TXT_SPLITS}, got {self.txt_split!r}")
+
+    def replace(self, **changes) -> DataConfig:
+        """A copy with `changes` applied (and validated)."""
+        return dataclasses.replace(self, **changes)
