@@ -198,3 +198,16 @@ def test_dispatch():
         pallas_kernels.gmm(lhs, rhs, sizes, implementation="cuda")
     out = pallas_kernels.gmm(lhs, rhs, sizes, implementation="pallas", preferred_element_type=jnp.float32)
     assert out.shape == (M, N) and out.dtype == jnp.float32
+
+
+def test_triton_kernels_lower_for_cuda():
+    """The Triton gmm/tgmm lower to Triton IR at a3b shapes (no GPU needed): catches Triton lowering errors."""
+    sds = jax.ShapeDtypeStruct
+
+    def grads(x, w, s):
+        loss = lambda x, w: jnp.sum(ops.gmm(x, w, s, kernel="gpu").astype(jnp.float32))
+        return jax.grad(loss, (0, 1))(x, w)
+
+    args = sds((1024, 2560), jnp.bfloat16), sds((8, 2560, 1536), jnp.bfloat16), sds((8,), jnp.int32)
+    text = jax.jit(grads).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("ernie_gmm_triton") >= 1 and text.count("ernie_tgmm_triton") >= 1
