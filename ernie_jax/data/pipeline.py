@@ -117,6 +117,12 @@ def make_dataset(cfg: DataConfig, *, process_index: int = 0, process_count: int 
     )
     out = packed.batch(batch, drop_remainder=True).map(_finalize)
     if cfg.worker_count > 0:
+        # Grain's worker processes read absl flags; outside an absl app nobody parsed them, which makes
+        # the workers fail with UnparsedFlagAccessError. Their defaults are what we want.
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
         out = out.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count))
     return out
 
