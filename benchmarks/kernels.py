@@ -92,6 +92,48 @@ def bench_attention(s: dict, dtype, iters: int, backend: str) -> None:
             {k_: bench(_grad(fn, (0, 1, 2)), q, k, v, iters=iters) for k_, fn in impls.items()})  # fmt: skip
 
 
+def errors() -> None:
+    """Worst |kernel - twin| for forward and every gradient, per kernel and dtype (interpret mode on CPU)."""
+    from pallas_kernels.flash_attention import ops as fa_ops
+    from pallas_kernels.flash_attention.reference import attention_reference
+    from pallas_kernels.gmm import ops as gmm_ops
+    from pallas_kernels.gmm.reference import gmm_reference
+
+    rng = np.random.RandomState(0)
+    interp = jax.default_backend() == "cpu"
+    sizes = jnp.asarray([20, 0, 17, 0, 35], jnp.int32)  # ragged, empty groups, 8 padding rows
+    segs = jnp.asarray(np.stack([np.repeat([1, 2, 3, 0], [5, 14, 9, 4]), np.ones(32)]), jnp.int32)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        lhs, rhs = jnp.asarray(rng.randn(80, 32), dtype), jnp.asarray(rng.randn(5, 32, 48) / 6, dtype)
+        cot = jnp.asarray(rng.randn(80, 48), dtype)
+        want = _vjp(lambda a, b: gmm_reference(a, b, sizes), (lhs, rhs), cot)
+        for kernel in ("tpu", "gpu"):
+            fn = lambda a, b, k=kernel: gmm_ops.gmm(a, b, sizes, tiling=(16, 16, 16), kernel=k, interpret=interp)
+            _print_errors(f"gmm/{kernel}", dtype, ("out", "dlhs", "drhs"), _vjp(fn, (lhs, rhs), cot), want)
+        q, do = (jnp.asarray(rng.randn(2, 32, 10, 16), dtype) for _ in range(2))
+        k, v = (jnp.asarray(rng.randn(2, 32, 2, 16), dtype) for _ in range(2))
+        want = _vjp(lambda *a: attention_reference(*a, segment_ids=segs), (q, k, v), do)
+        for kernel, blocks in (("tpu", (8, 16)), ("gpu", (16, 16))):
+            fn = lambda *a, k_=kernel, b_=blocks: fa_ops.flash_attention(
+                *a, segment_ids=segs, block_sizes=b_, kernel=k_, interpret=interp
+            )
+            _print_errors(f"flash/{kernel} GQA5", dtype, ("out", "dq", "dk", "dv"), _vjp(fn, (q, k, v), do), want)
+
+
+def _vjp(fn, primals, cot):
+    out, vjp = jax.vjp(fn, *primals)
+    return (out, *vjp(cot))
+
+
+def _print_errors(title, dtype, names, got, want) -> None:
+    errs = [
+        float(jnp.max(jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)))) for a, b in zip(got, want, strict=True)
+    ]
+    print(
+        f"{title:<18} {jnp.dtype(dtype).name:<9} " + "  ".join(f"{n}={e:.2e}" for n, e in zip(names, errs, strict=True))
+    )
+
+
 def main(argv=None) -> None:
     backend = jax.default_backend()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -99,7 +141,11 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16")
     parser.add_argument("--iters", type=int, default=3 if backend == "cpu" else 20)
     parser.add_argument("--only", choices=["gmm", "attention"], default=None)
+    parser.add_argument("--errors", action="store_true", help="print worst kernel-vs-twin errors and exit")
     args = parser.parse_args(argv)
+    if args.errors:
+        errors()
+        return
     dtype = jnp.dtype(args.dtype)
     print(f"backend={backend} devices={jax.devices()[0].device_kind} size={args.size}")
     if backend == "cpu":

@@ -49,12 +49,13 @@ def _fwd_and_vjp(fn):
     return jax.jit(run)
 
 
+@functools.cache  # one jitted function per kernel: parametrized cases with the same shapes reuse its trace
 def _kernel_fn(kernel, **kw):
     return _fwd_and_vjp(lambda a, b, s: ops.gmm(a, b, s, tiling=TILING, kernel=kernel, interpret=True, **kw))
 
 
 _REF = _fwd_and_vjp(lambda a, b, s: gmm_reference(a, b, s))
-_TPU_F32 = _kernel_fn("tpu")
+_TPU_F32 = _kernel_fn("tpu")  # same object as _kernel_fn("tpu")
 
 
 def _check(got, want, dtype):
@@ -83,7 +84,7 @@ def test_tpu_kernel_matches_twin_on_random_ragged_groups(sizes):
 def test_kernels_forward_and_gradients(kernel, dtype, sizes):
     lhs, rhs, cot = _inputs(dtype)
     sizes = jnp.asarray(sizes, jnp.int32)
-    fn = _TPU_F32 if (kernel, dtype) == ("tpu", jnp.float32) else _kernel_fn(kernel)
+    fn = _kernel_fn(kernel)
     got = fn(lhs, rhs, sizes, cot)
     _check(got, _REF(lhs, rhs, sizes, cot), dtype)
     padding = int(M - sizes.sum())
