@@ -60,7 +60,7 @@ def test_bf16_save_keeps_router_fp32(moe_checkpoint, tmp_path):
         assert f.get_slice("model.layers.1.mlp.gate.weight").get_dtype() == "F32"
         assert f.get_slice("model.layers.1.mlp.moe_statics.e_score_correction_bias").get_dtype() == "F32"
         assert f.get_slice("model.layers.1.mlp.experts.0.up_proj.weight").get_dtype() == "BF16"
-    assert json.load(open(tmp_path / "config.json"))["torch_dtype"] == "bfloat16"
+    assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "bfloat16"
 
 
 def test_load_onto_mesh_places_each_parameter(moe_checkpoint):
@@ -96,15 +96,20 @@ def test_misshaped_tensor_names_both_shapes(moe_checkpoint, tmp_path):
     path, _ = moe_checkpoint
     key = "model.layers.0.self_attn.k_proj.weight"
     _copy(path, tmp_path, lambda t: t.update({key: np.zeros((24, 32), np.float32)}))
-    with pytest.raises(ernie_jax.CheckpointError, match=r"k_proj\.weight: checkpoint has shape \[24, 32\], the "
-                       r"config expects \[16, 32\]"):
+    with pytest.raises(
+        ernie_jax.CheckpointError,
+        match=r"k_proj\.weight: checkpoint has shape \[24, 32\], the "
+        r"config expects \[16, 32\]",
+    ):
         ernie_jax.from_pretrained(tmp_path, progress=False)
 
 
 def test_mtp_tensors_are_skipped_with_one_log_line(moe_checkpoint, tmp_path, caplog):
     path, hf = moe_checkpoint
-    extra = {"model.mtp_linear_proj.0.weight": np.zeros((32, 64), np.float32),
-             "model.mtp_emb_norm.0.weight": np.ones(32, np.float32)}
+    extra = {
+        "model.mtp_linear_proj.0.weight": np.zeros((32, 64), np.float32),
+        "model.mtp_emb_norm.0.weight": np.ones(32, np.float32),
+    }
     _copy(path, tmp_path, lambda t: t.update(extra))
     with caplog.at_level(logging.INFO, logger="ernie_jax.hf.checkpoint"):
         model = ernie_jax.from_pretrained(tmp_path, dtype=jnp.float32, progress=False)

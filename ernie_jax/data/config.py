@@ -30,6 +30,9 @@ class DataConfig:
             empty lines), ``"line"`` or ``"file"`` (the whole file is one document).
         worker_count: Grain worker processes (0 = in-process, the sensible default on small CPU hosts).
         read_threads: Threads that read and tokenize documents ahead of packing.
+        process_sharding: "documents": each process reads a disjoint 1/P of the documents (scales to any corpus).
+            "rows": every process builds the same global stream and keeps its rows of each global batch, so the
+            batches do not depend on the number of processes (costs P times the reading; for tests and audits).
     """
 
     sources: tuple[str, ...] = (BUILTIN_PYTHON_DOCS,)
@@ -45,6 +48,7 @@ class DataConfig:
     txt_split: str = "blank_line"
     worker_count: int = 0
     read_threads: int = 4
+    process_sharding: str = "documents"
 
     def __post_init__(self):
         # A bare string is the most common slip (`sources="a.jsonl"` would otherwise iterate its characters).
@@ -64,6 +68,10 @@ class DataConfig:
             raise ValueError(f"DataConfig.seed must be an int in [0, 2**32), got {self.seed!r}")
         if self.num_epochs is not None and (not isinstance(self.num_epochs, int) or self.num_epochs < 1):
             raise ValueError(f"DataConfig.num_epochs must be None (forever) or a positive int, got {self.num_epochs!r}")
+        if self.process_sharding not in ("documents", "rows"):
+            raise ValueError(
+                f"DataConfig.process_sharding must be 'documents' or 'rows', got {self.process_sharding!r}"
+            )
         if not isinstance(self.worker_count, int) or self.worker_count < 0:
             raise ValueError(f"DataConfig.worker_count must be an int >= 0, got {self.worker_count!r}")
         if self.txt_split not in TXT_SPLITS:

@@ -103,10 +103,12 @@ def make_dataset(cfg: DataConfig, *, process_index: int = 0, process_count: int 
     source = DocumentSource(expand_sources(cfg.sources), text_field=cfg.text_field, txt_split=cfg.txt_split)
     # Equal, disjoint, static shards: drop the last `n % process_count` documents, then take every
     # process_count-th one. Sharding before the shuffle keeps shards disjoint in every epoch.
-    usable = len(source) - len(source) % process_count
+    by_rows = cfg.process_sharding == "rows"
+    readers = 1 if by_rows else process_count  # with "rows", every process reads the whole global stream
+    usable = len(source) - len(source) % readers
     if usable == 0:
         raise ValueError(f"DataConfig.sources {cfg.sources} hold {len(source)} documents; need >= {process_count}")
-    ds = grain.MapDataset.source(source)[:usable][process_index::process_count]
+    ds = grain.MapDataset.source(source)[:usable][(0 if by_rows else process_index) :: readers]
     if cfg.shuffle:
         ds = ds.shuffle(seed=cfg.seed)  # Grain folds the epoch into the seed: a new permutation each epoch.
     ds = ds.repeat(cfg.num_epochs)
@@ -115,7 +117,9 @@ def make_dataset(cfg: DataConfig, *, process_index: int = 0, process_count: int 
     packed = grain_exp.ConcatThenSplitIterDataset(
         it_ds, length_struct={"input_ids": cfg.seq_len, "targets": cfg.seq_len}
     )
-    out = packed.batch(batch, drop_remainder=True).map(_finalize)
+    out = packed.batch(cfg.global_batch_size if by_rows else batch, drop_remainder=True).map(_finalize)
+    if by_rows:
+        out = out.map(_TakeRows(process_index * batch, (process_index + 1) * batch))
     if cfg.worker_count > 0:
         # Grain's worker processes read absl flags; outside an absl app nobody parsed them, which makes
         # the workers fail with UnparsedFlagAccessError. Their defaults are what we want.
@@ -125,6 +129,16 @@ def make_dataset(cfg: DataConfig, *, process_index: int = 0, process_count: int 
             flags.FLAGS.mark_as_parsed()
         out = out.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count))
     return out
+
+
+class _TakeRows:
+    """This process's rows of a global batch (a class, not a lambda, so Grain workers can pickle it)."""
+
+    def __init__(self, start: int, stop: int):
+        self.start, self.stop = start, stop
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {k: v[self.start : self.stop] for k, v in batch.items()}
 
 
 def make_iterator(cfg: DataConfig, *, process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:

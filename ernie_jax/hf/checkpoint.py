@@ -132,6 +132,7 @@ def from_pretrained(
     dtype=jnp.bfloat16,
     mesh: jax.sharding.Mesh | None = None,
     *,
+    param_dtype=None,
     rules=sharding.DEFAULT_RULES,
     options: ModelOptions = ModelOptions(),
     progress: bool = True,
@@ -140,14 +141,16 @@ def from_pretrained(
 
     Args:
       path: directory with config.json and model.safetensors or model.safetensors.index.json + shards.
-      dtype: parameter and compute dtype (router weight and correction bias always stay fp32).
+      dtype: compute dtype, and parameter dtype unless `param_dtype` is given (training: fp32 master weights).
+        The router weight and correction bias always stay fp32.
       mesh: if given, every parameter is placed on its sharding (sharding.rules) as it is read.
     """
     cfg = ErnieConfig.from_hf_config(path)
     reader = SafetensorsReader(path)
     maps = tensor_maps(cfg)
     _validate(reader, cfg, maps)
-    graphdef, state = nnx.split(abstract_model(cfg, dtype=dtype, param_dtype=dtype, options=options))
+    param_dtype = dtype if param_dtype is None else param_dtype
+    graphdef, state = nnx.split(abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, options=options))
     flat = dict(nnx.to_flat_state(state))
     if set(flat) != {m.path for m in maps}:
         raise AssertionError(f"internal: HF name map out of sync with the model: {set(flat) ^ {m.path for m in maps}}")
@@ -156,7 +159,7 @@ def from_pretrained(
     with tqdm(total=total, unit="param", unit_scale=True, desc="loading", disable=not progress) as bar:
         for m in maps:
             var = flat[m.path]
-            np_dtype = np.dtype(jnp.float32 if m.keep_fp32 else dtype)
+            np_dtype = np.dtype(jnp.float32 if m.keep_fp32 else param_dtype)
             if mesh is None:
                 target = default_sharding
             else:

@@ -1,0 +1,26 @@
+"""ERNIE-4.5-21B-A3B pretraining on a TPU v5p-64 slice (64 chips): FSDP 8 x expert 8, seq 4096, bf16, remat.
+
+Data: set data.sources=... and data.tokenizer=<dir with ERNIE's tokenizer.model>; the default corpus is a demo.
+"""
+
+from ernie_jax.config import ERNIE_4_5_21B_A3B
+from ernie_jax.data import DataConfig
+from ernie_jax.train_config import CheckpointConfig, MeshConfig, MoELossConfig, OptimConfig, TrainConfig
+
+
+def get_config() -> TrainConfig:
+    return TrainConfig(
+        name="a3b_tpu",
+        model=ERNIE_4_5_21B_A3B,
+        data=DataConfig(seq_len=4096, global_batch_size=256),
+        mesh=MeshConfig(data=1, fsdp=8, expert=8, tensor=1, moe_transport="ragged_a2a"),
+        optim=OptimConfig(lr=2.2e-4, min_lr_ratio=0.1, warmup_steps=2000, weight_decay=0.1, clip_norm=1.0),
+        moe_loss=MoELossConfig(aux_loss_coef=1e-5, z_loss_coef=1e-4, ortho_loss_coef=1e-3, bias_update_rate=1e-3),
+        checkpoint=CheckpointConfig(every=1000, keep=3),
+        steps=100_000,
+        run_dir="runs/a3b_tpu",
+        dtype="bfloat16",
+        remat="full",
+        platform="tpu",
+        min_devices=64,
+    )

@@ -1,0 +1,81 @@
+"""Training metrics: a jsonl log, TensorBoard event files, and the peak FLOP/s that MFU is measured against."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+
+# bf16 dense peak per chip (JAX_MOE_ANCHORS.md §6).
+PEAK_FLOPS = {
+    "TPU v4": 275e12,
+    "TPU v5p": 459e12,
+    "TPU v5": 459e12,
+    "TPU v5e": 197e12,
+    "TPU v5 lite": 197e12,
+    "TPU v6e": 918e12,
+    "TPU v6 lite": 918e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+}
+
+
+def peak_flops_per_device(dtype=jnp.float32) -> tuple[float, str]:
+    """(FLOP/s, how it was obtained). CPUs have no datasheet figure here: measure a matmul instead."""
+    kind = jax.devices()[0].device_kind
+    for name, peak in PEAK_FLOPS.items():
+        if kind.startswith(name):
+            return peak, f"{name} bf16 peak"
+    if jax.default_backend() == "cpu":
+        n = 1024
+        a = jnp.ones((n, n), dtype)
+        f = jax.jit(lambda x: x @ x)
+        f(a).block_until_ready()
+        start = time.perf_counter()
+        reps = 5
+        for _ in range(reps):
+            a = f(a)
+        a.block_until_ready()
+        measured = 2 * n**3 * reps / (time.perf_counter() - start) / max(jax.local_device_count(), 1)
+        return measured, f"measured {jnp.dtype(dtype).name} matmul on this CPU"
+    return float("nan"), f"unknown peak for {kind}"
+
+
+class MetricsWriter:
+    """Appends one JSON object per logged step to run_dir/metrics.jsonl and writes TensorBoard scalars."""
+
+    def __init__(self, run_dir: str, enabled: bool = True):
+        self.enabled = enabled
+        self._tb = None
+        if not enabled:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")  # noqa: SIM115 - closed in close()
+        try:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        except ImportError:  # tensorboardX is a declared dependency; keep training if it is missing anyway
+            self._tb = None
+
+    def write(self, step: int, scalars: dict) -> None:
+        if not self.enabled:
+            return
+        self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
+        self._jsonl.flush()
+        if self._tb is not None:
+            for k, v in scalars.items():
+                if isinstance(v, list):
+                    for i, x in enumerate(v):
+                        self._tb.add_scalar(f"{k}/moe_layer_{i}", x, step)
+                else:
+                    self._tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._jsonl.close()
+            if self._tb is not None:
+                self._tb.close()

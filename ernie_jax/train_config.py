@@ -1,0 +1,235 @@
+"""Training configuration: frozen, validated dataclasses, plus the command-line override syntax.
+
+A run is `python -m ernie_jax.train --config=NAME [key=value ...]`, where NAME is a preset in `configs/` and each
+override is a dotted field path, e.g. `steps=500 optim.lr=1e-3 model.num_hidden_layers=4 mesh.expert=8
+data.sources=a.jsonl,b.jsonl`. `--help` lists every field with its type and preset value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import types
+import typing
+from typing import Any
+
+from ernie_jax.config import ConfigError, ErnieConfig
+from ernie_jax.data import DataConfig
+from ernie_jax.model import REMAT_POLICIES
+
+
+def _require(condition: bool, field: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"{field}: {message}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh sizes (-1 = the remaining devices) and the expert-parallel token transport."""
+
+    dcn: int = 1
+    data: int = -1
+    fsdp: int = 1
+    expert: int = 1
+    tensor: int = 1
+    moe_transport: str = "allgather"  # "allgather" (CPU/TPU/GPU) or "ragged_a2a" (TPU v4+/GPU)
+
+    def __post_init__(self):
+        _require(
+            self.moe_transport in ("allgather", "ragged_a2a"),
+            "mesh.moe_transport",
+            f"must be 'allgather' or 'ragged_a2a', got {self.moe_transport!r}",
+        )
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return dict(dcn=self.dcn, data=self.data, fsdp=self.fsdp, expert=self.expert, tensor=self.tensor)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """AdamW with linear warmup then cosine or linear decay to min_lr_ratio * lr, global-norm clipping."""
+
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    decay: str = "cosine"  # "cosine" | "linear" | "constant"
+    weight_decay: float = 0.1  # not applied to norms, biases or the router correction bias
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    clip_norm: float = 1.0  # 0 disables clipping
+    grad_accum: int = 1  # micro-batches per step (the global batch is split into this many)
+
+    def __post_init__(self):
+        _require(self.lr > 0, "optim.lr", f"must be positive, got {self.lr}")
+        _require(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        _require(self.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0")
+        _require(
+            self.decay in ("cosine", "linear", "constant"),
+            "optim.decay",
+            f"must be 'cosine', 'linear' or 'constant', got {self.decay!r}",
+        )
+        _require(self.grad_accum >= 1, "optim.grad_accum", f"must be >= 1, got {self.grad_accum}")
+        _require(self.clip_norm >= 0, "optim.clip_norm", "must be >= 0 (0 disables clipping)")
+
+
+@dataclasses.dataclass(frozen=True)
+class MoELossConfig:
+    """ERNIE's MoE training terms (facts sheet §4); 0 disables a term."""
+
+    aux_loss_coef: float = 1e-2  # load balance: E * sum_e f_e * P_e per MoE layer (Paddle default 1e-2)
+    z_loss_coef: float = 1e-4  # router z-loss: mean logsumexp(logits)^2
+    ortho_loss_coef: float = 1e-3  # router orthogonality of L2-normalised expert rows
+    bias_update_rate: float = 1e-3  # aux-free balancing: bias += rate * sign(mean load - load) after each step
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            _require(getattr(self, f.name) >= 0, f"moe_loss.{f.name}", "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 100  # save every N steps (and at the end, and on SIGTERM)
+    keep: int = 3  # keep the last K checkpoints
+    async_save: bool = True
+
+    def __post_init__(self):
+        _require(self.every >= 1, "checkpoint.every", "must be >= 1")
+        _require(self.keep >= 1, "checkpoint.keep", "must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    name: str
+    model: ErnieConfig
+    data: DataConfig = DataConfig()
+    mesh: MeshConfig = MeshConfig()
+    optim: OptimConfig = OptimConfig()
+    moe_loss: MoELossConfig = MoELossConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    steps: int = 300
+    seed: int = 0
+    run_dir: str = "runs/tiny"  # checkpoints, metrics.jsonl and TensorBoard events go here
+    dtype: str = "float32"  # compute dtype: float32 or bfloat16 (master weights and optimizer state stay fp32)
+    remat: str = "none"  # rematerialisation policy: none, full, dots, dots_all
+    attention_impl: str = "auto"
+    gmm_impl: str = "auto"
+    log_every: int = 10
+    nonfinite: str = "skip"  # a non-finite loss or gradient: "skip" the update, or "stop" the run
+    init_from_hf: str | None = None  # start from a Hugging Face checkpoint directory
+    export_hf: str | None = None  # write the final model there with save_pretrained
+    sample_prompt: str = "The "
+    sample_tokens: int = 64  # greedy sample printed at the end (0 = none)
+    # Devices the preset is meant for ("cpu", "tpu", "gpu") and how many; a run elsewhere stops with advice.
+    platform: str = "any"
+    min_devices: int = 1
+
+    def __post_init__(self):
+        _require(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
+        _require(self.dtype in ("float32", "bfloat16"), "dtype", f"must be float32 or bfloat16, got {self.dtype!r}")
+        _require(self.remat in REMAT_POLICIES, "remat", f"must be one of {sorted(REMAT_POLICIES)}")
+        _require(self.nonfinite in ("skip", "stop"), "nonfinite", f"must be 'skip' or 'stop', got {self.nonfinite!r}")
+        _require(self.log_every >= 1, "log_every", "must be >= 1")
+        _require(
+            self.data.global_batch_size % self.optim.grad_accum == 0,
+            "optim.grad_accum",
+            f"{self.optim.grad_accum} must divide data.global_batch_size={self.data.global_batch_size}",
+        )
+        tokenizer_vocab = _tokenizer_vocab(self.data)
+        _require(
+            tokenizer_vocab is None or tokenizer_vocab <= self.model.vocab_size,
+            "model.vocab_size",
+            f"{self.model.vocab_size} is smaller than the tokenizer's vocabulary ({tokenizer_vocab})",
+        )
+
+
+def _tokenizer_vocab(data: DataConfig) -> int | None:
+    if data.tokenizer != "bytes":
+        return None  # a SentencePiece model is read when the run starts
+    from ernie_jax.data import vocab_size_for
+
+    return vocab_size_for(data)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Presets and overrides
+def load_preset(name: str) -> TrainConfig:
+    """`configs/<name>.py`'s get_config()."""
+    try:
+        module = importlib.import_module(f"configs.{name}")
+    except ModuleNotFoundError as e:
+        raise ConfigError(
+            f"--config={name}: no preset configs/{name}.py; available: {', '.join(list_presets())}"
+        ) from e
+    return module.get_config()
+
+
+def list_presets() -> list[str]:
+    import os
+
+    import configs
+
+    folder = os.path.dirname(configs.__file__)
+    return sorted(f[:-3] for f in os.listdir(folder) if f.endswith(".py") and not f.startswith("_"))
+
+
+def _parse_value(text: str, annotation: Any, field: str) -> Any:
+    hints = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    if text.lower() in ("none", "null") and type(None) in hints:
+        return None
+    hints = tuple(h for h in hints if h is not type(None))
+    target = hints[0] if hints else str
+    origin = typing.get_origin(target)
+    try:
+        if target is bool:
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        if target is int:
+            return int(text)
+        if target is float:
+            return float(text)
+        if origin is tuple:
+            return tuple(p for p in text.split(",") if p)
+        return text
+    except ValueError:
+        raise ConfigError(f"{field}: cannot read {text!r} as {getattr(target, '__name__', target)}") from None
+
+
+def apply_overrides(cfg: Any, overrides: list[str], prefix: str = "") -> Any:
+    """Apply `a.b=value` overrides to nested frozen dataclasses (each level re-validated)."""
+    by_head: dict[str, list[str]] = {}
+    changes: dict[str, Any] = {}
+    hints = typing.get_type_hints(type(cfg))
+    names = {f.name for f in dataclasses.fields(cfg)}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. optim.lr=1e-3")
+        key, value = item.split("=", 1)
+        head, _, rest = key.partition(".")
+        if head not in names:
+            raise ConfigError(f"{prefix}{head}: no such field; see --help for the list")
+        if rest:
+            by_head.setdefault(head, []).append(f"{rest}={value}")
+        else:
+            changes[head] = _parse_value(value, hints[head], prefix + head)
+    for head, items in by_head.items():
+        changes[head] = apply_overrides(getattr(cfg, head), items, prefix=f"{prefix}{head}.")
+    return dataclasses.replace(cfg, **changes)
+
+
+def describe_fields(cfg: Any, prefix: str = "") -> list[str]:
+    """`name (type) = value` for every leaf field, for --help."""
+    lines = []
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            lines += describe_fields(value, prefix + f.name + ".")
+        else:
+            kind = getattr(hints[f.name], "__name__", str(hints[f.name]))
+            lines.append(f"  {prefix}{f.name} ({kind}) = {value!r}")
+    return lines

@@ -1,0 +1,164 @@
+"""The functional train step: loss, gradient accumulation, AdamW, aux-free bias update, non-finite guard.
+
+State is split once with `nnx.split(model, nnx.Param, CorrectionBias)`: fp32 master `params` (optimised),
+`biases` (router correction biases, updated by the sign rule) and the static `graphdef`. The step is a pure
+function of arrays, jitted with explicit shardings by the trainer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from ernie_jax.config import ErnieConfig
+from ernie_jax.moe import CorrectionBias
+from ernie_jax.train_config import TrainConfig
+
+Batch = dict[str, jax.Array]  # input_ids, targets, segment_ids, positions [B, T] int32; loss_mask [B, T] float32
+
+
+def cross_entropy_sum(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> jax.Array:
+    """Sum over masked tokens of -log softmax(logits)[target], in fp32. logits [B, T, V]."""
+    logits = logits.astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum((log_z - target_logit) * mask)
+
+
+def router_orthogonal_loss(router_w: jax.Array) -> jax.Array:
+    """Paddle's orthogonal loss per layer: rows of W [E, D] L2-normalised, mean of (W W^T - I)^2. router_w [R, D, E]."""
+    w = jnp.swapaxes(router_w.astype(jnp.float32), -1, -2)  # [R, E, D]
+    w = w / jnp.maximum(jnp.linalg.norm(w, axis=-1, keepdims=True), 1e-12)
+    gram = jnp.einsum("RED,RFD->REF", w, w) - jnp.eye(w.shape[-2])
+    return jnp.sum(jnp.mean(gram**2, axis=(-1, -2)))
+
+
+def _moe_routers(params: nnx.State) -> list[jax.Array]:
+    return [v.get_value() for path, v in nnx.to_flat_state(params) if path[-1] == "router"]
+
+
+def _sum_stats(router_stats: list, field: str) -> jax.Array:
+    leaves = [getattr(s, field) for group in router_stats for s in group if s is not None]
+    return sum(jnp.sum(x) for x in leaves) if leaves else jnp.zeros(())
+
+
+def make_train_step(graphdef: nnx.GraphDef, cfg: TrainConfig, optimizer: optax.GradientTransformation):
+    """Returns step(params, biases, opt_state, batch) -> (params, biases, opt_state, metrics)."""
+    coef = cfg.moe_loss
+    accum = cfg.optim.grad_accum
+
+    def loss_fn(params, biases, batch: Batch, num_tokens: jax.Array):
+        model = nnx.merge(graphdef, params, biases)
+        logits, aux = model(
+            batch["input_ids"], positions=batch["positions"], segment_ids=batch["segment_ids"], return_aux=True
+        )
+        ce_sum = cross_entropy_sum(logits, batch["targets"], batch["loss_mask"])
+        aux_loss = _sum_stats(aux["router_stats"], "aux_loss")
+        z_loss = _sum_stats(aux["router_stats"], "z_loss")
+        ortho = sum((router_orthogonal_loss(w) for w in _moe_routers(params)), jnp.zeros(()))
+        # CE is normalised by the whole global batch's token count, so accumulation is exact; router terms are
+        # per micro-batch means, averaged over micro-batches.
+        loss = ce_sum / num_tokens + (coef.aux_loss_coef * aux_loss + coef.z_loss_coef * z_loss) / accum
+        loss = loss + coef.ortho_loss_coef * ortho / accum
+        counts = [[None if s is None else s.tokens_per_expert for s in group] for group in aux["router_stats"]]
+        return loss, dict(
+            ce_sum=ce_sum, aux_loss=aux_loss / accum, z_loss=z_loss / accum, ortho_loss=ortho / accum, counts=counts
+        )
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(params, biases, opt_state, batch: Batch, step_index: jax.Array):
+        num_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+        if accum == 1:
+            (_, metrics_sum), grads_sum = grad_fn(params, biases, batch, num_tokens)
+        else:
+            micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+
+            def one(carry, mb):
+                (_, metrics), grads = grad_fn(params, biases, mb, num_tokens)
+                return jax.tree.map(jnp.add, carry, (grads, metrics)), None
+
+            first = jax.tree.map(lambda x: x[0], micro)
+            metrics_shape = jax.eval_shape(lambda: loss_fn(params, biases, first, num_tokens))[1]
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (params, metrics_shape))
+            (grads_sum, metrics_sum), _ = jax.lax.scan(one, zeros, micro)
+        grads = grads_sum
+        ce = metrics_sum["ce_sum"] / num_tokens
+        loss = ce + coef.aux_loss_coef * metrics_sum["aux_loss"] + coef.z_loss_coef * metrics_sum["z_loss"]
+        loss = loss + coef.ortho_loss_coef * metrics_sum["ortho_loss"]
+        grad_norm = optax.global_norm(grads)
+        updates, new_opt_state = optimizer.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        new_biases = _update_biases(biases, metrics_sum["counts"], coef.bias_update_rate)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        if cfg.nonfinite == "skip":  # keep the old state when the step is not finite (the host logs it)
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+            new_params, new_opt_state, new_biases = (
+                keep(new_params, params),
+                keep(new_opt_state, opt_state),
+                keep(new_biases, biases),
+            )
+        load = _load_stats(metrics_sum["counts"])
+        metrics = dict(
+            loss=loss,
+            ce=ce,
+            aux_loss=metrics_sum["aux_loss"],
+            z_loss=metrics_sum["z_loss"],
+            ortho_loss=metrics_sum["ortho_loss"],
+            grad_norm=grad_norm,
+            finite=finite,
+            tokens=num_tokens,
+            **load,
+        )
+        return new_params, new_biases, new_opt_state, metrics
+
+    return step
+
+
+def _update_biases(biases: nnx.State, counts: list, rate: float) -> nnx.State:
+    """Aux-loss-free balancing: bias += rate * sign(mean_e(load) - load_e), per layer (Paddle's callback)."""
+    if rate == 0:
+        return biases
+
+    def one(path, var):
+        g, p = path[1], path[3]  # ("groups", g, "layers", p, "ffn", "correction_bias")
+        load = counts[g][p]  # [R, E]
+        delta = rate * jnp.sign(jnp.mean(load, axis=-1, keepdims=True) - load)
+        return var.replace(var.get_value() + delta)
+
+    return nnx.map_state(one, biases)
+
+
+def _load_stats(counts: list) -> dict[str, jax.Array]:
+    """Per MoE layer: max load / mean load (1 = balanced), plus the counts themselves for logging."""
+    loads = [c for group in counts for c in group if c is not None]
+    if not loads:
+        return {}
+    per_layer = jnp.concatenate(loads, axis=0)  # [n_moe_layers (group order), E]
+    imbalance = jnp.max(per_layer, axis=-1) / jnp.maximum(jnp.mean(per_layer, axis=-1), 1e-9)
+    return dict(expert_load=per_layer, load_imbalance=imbalance)
+
+
+def split_model(model) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+    graphdef, params, biases = nnx.split(model, nnx.Param, CorrectionBias)
+    return graphdef, params, biases
+
+
+def model_flops_per_token(cfg: ErnieConfig, seq_len: int) -> float:
+    """Training FLOPs per token: 6 * active params (the head counted once) + causal attention scores and values."""
+    attn = 6 * cfg.num_hidden_layers * seq_len * cfg.num_attention_heads * cfg.resolved_head_dim  # causal: half of 12
+    return 6.0 * cfg.num_active_params(include_embedding=True) + attn
+
+
+def as_metrics_dict(metrics: dict[str, Any]) -> dict[str, float]:
+    out = {}
+    for k, v in metrics.items():
+        if k == "expert_load":
+            continue
+        v = jax.device_get(v)
+        out[k] = [float(x) for x in v] if getattr(v, "ndim", 0) else float(v)
+    return out

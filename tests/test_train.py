@@ -1,0 +1,176 @@
+"""Training end to end on CPU: exact resume, restore onto another mesh, guards, CLI, HF init and export."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ernie_jax import train as train_mod
+from ernie_jax.checkpointing import CheckpointMismatchError
+from ernie_jax.config import ConfigError
+from ernie_jax.train_config import apply_overrides, load_preset
+
+SMALL = [
+    "model.num_hidden_layers=2",
+    "model.hidden_size=64",
+    "model.intermediate_size=128",
+    "model.head_dim=16",
+    "model.moe_intermediate_size=32",
+    "data.seq_len=32",
+    "data.global_batch_size=8",
+    "log_every=1",
+    "sample_tokens=0",
+    "checkpoint.async_save=false",
+    "optim.warmup_steps=2",
+]
+
+
+def small_cfg(tmp_path, *extra):
+    return apply_overrides(load_preset("tiny"), [*SMALL, f"run_dir={tmp_path}", *extra])
+
+
+def losses(run_dir) -> dict[int, float]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+def test_resume_is_bitwise_exact(tmp_path):
+    full = train_mod.train(small_cfg(tmp_path / "full", "steps=6", "checkpoint.every=3"), progress=False)
+    train_mod.train(small_cfg(tmp_path / "cut", "steps=3", "checkpoint.every=3"), progress=False)  # "killed" at 3
+    resumed = train_mod.train(small_cfg(tmp_path / "cut", "steps=6", "checkpoint.every=3"), progress=False)
+    assert resumed["start_step"] == 3 and full["start_step"] == 0
+    a, b = losses(tmp_path / "full"), losses(tmp_path / "cut")
+    assert [a[s] for s in (4, 5, 6)] == [b[s] for s in (4, 5, 6)], (a, b)  # bitwise on CPU
+    assert a[6] < a[1], "loss did not fall"
+
+
+def test_restore_onto_a_different_mesh(tmp_path):
+    train_mod.train(small_cfg(tmp_path, "steps=2", "checkpoint.every=2", "mesh.data=-1"), progress=False)
+    out = train_mod.train(
+        small_cfg(tmp_path, "steps=3", "checkpoint.every=3", "mesh.data=1", "mesh.fsdp=2", "mesh.expert=4"),
+        progress=False,
+    )
+    assert out["start_step"] == 2 and np.isfinite(out["last_loss"])
+
+
+def test_checkpoint_for_another_architecture_is_refused(tmp_path):
+    train_mod.train(small_cfg(tmp_path, "steps=1"), progress=False)
+    with pytest.raises(CheckpointMismatchError, match="model.hidden_size"):
+        train_mod.train(small_cfg(tmp_path, "steps=2", "model.hidden_size=32"), progress=False)
+
+
+def test_nonfinite_guard(tmp_path):
+    with pytest.raises(FloatingPointError, match="optim.lr"):
+        train_mod.train(
+            small_cfg(
+                tmp_path / "stop",
+                "steps=6",
+                "optim.lr=1e30",
+                "optim.clip_norm=0",
+                "nonfinite=stop",
+                "optim.warmup_steps=0",
+            ),
+            progress=False,
+        )
+    out = train_mod.train(
+        small_cfg(
+            tmp_path / "skip", "steps=6", "optim.lr=1e30", "optim.clip_norm=0", "nonfinite=skip", "optim.warmup_steps=0"
+        ),
+        progress=False,
+    )
+    assert out["skipped_steps"] > 0 and out["end_step"] == 6
+
+
+def test_aux_free_bias_moves_toward_balance(tmp_path):
+    from ernie_jax.train_step import _update_biases
+
+    counts = [[None], [jnp.array([[10.0, 0.0, 5.0, 5.0]])]]
+    from flax import nnx
+
+    biases = nnx.State({"groups": {1: {"layers": {0: {"ffn": {"correction_bias": nnx.Variable(jnp.zeros((1, 4)))}}}}}})
+    new = _update_biases(biases, counts, 0.1)
+    np.testing.assert_array_equal(
+        new["groups"][1]["layers"][0]["ffn"]["correction_bias"].get_value(), np.array([[-0.1, 0.1, 0.0, 0.0]], np.float32)
+    )  # overloaded expert down, idle expert up
+
+
+def test_cli_overrides_and_errors(capsys):
+    cfg, _ = train_mod.parse_args(["steps=7", "optim.lr=0.01", "mesh.expert=2", "data.sources=a.jsonl,b.jsonl"])
+    assert cfg.steps == 7 and cfg.optim.lr == 0.01 and cfg.mesh.expert == 2
+    assert cfg.data.sources == ("a.jsonl", "b.jsonl")
+    with pytest.raises(ConfigError, match="optim.lrr"):
+        train_mod.parse_args(["optim.lrr=1"])
+    with pytest.raises(ConfigError, match="steps"):
+        train_mod.parse_args(["steps=many"])
+    with pytest.raises(ConfigError, match="optim.grad_accum"):
+        train_mod.parse_args(["optim.grad_accum=3"])
+    with pytest.raises(ConfigError, match="no preset"):
+        train_mod.parse_args(["--config=nope"])
+    with pytest.raises(SystemExit):
+        train_mod.parse_args(["--help"])
+    assert "optim.lr (float)" in capsys.readouterr().out
+
+
+def test_pod_preset_on_cpu_stops_with_advice():
+    cfg, _ = train_mod.parse_args(["--config=a3b_tpu"])
+    with pytest.raises(SystemExit, match="64 TPU devices"):
+        train_mod.check_devices(cfg, "a3b_tpu")
+
+
+@pytest.mark.parametrize("name", ["tiny", "0p3b", "a3b_tpu", "a3b_gpu", "a47b_tpu"])
+def test_presets_load(name):
+    cfg = load_preset(name)
+    assert cfg.name == name and cfg.model.num_params() > 0
+
+
+def test_grad_accumulation_matches_one_big_batch(tmp_path):
+    one = train_mod.train(
+        small_cfg(
+            tmp_path / "a",
+            "steps=2",
+            "moe_loss.aux_loss_coef=0",
+            "moe_loss.z_loss_coef=0",
+            "moe_loss.ortho_loss_coef=0",
+        ),
+        progress=False,
+    )
+    two = train_mod.train(
+        small_cfg(
+            tmp_path / "b",
+            "steps=2",
+            "optim.grad_accum=2",
+            "moe_loss.aux_loss_coef=0",
+            "moe_loss.z_loss_coef=0",
+            "moe_loss.ortho_loss_coef=0",
+        ),
+        progress=False,
+    )
+    np.testing.assert_allclose(losses(tmp_path / "a")[2], losses(tmp_path / "b")[2], rtol=1e-5)
+    assert one["end_step"] == two["end_step"] == 2
+
+
+def test_init_from_hf_and_export(tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tests.helpers import hf_model
+
+    cfg = small_cfg(tmp_path / "run", "steps=2")
+    hf = hf_model(cfg.model, seed=3)
+    hf.save_pretrained(tmp_path / "hf_in")
+    out = train_mod.train(
+        small_cfg(
+            tmp_path / "run", "steps=2", f"init_from_hf={tmp_path / 'hf_in'}", f"export_hf={tmp_path / 'hf_out'}"
+        ),
+        progress=False,
+    )
+    assert out["end_step"] == 2
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf_out", dtype=torch.float32)
+    ids = torch.randint(0, cfg.model.vocab_size, (1, 8))
+    with torch.no_grad():
+        before, after = hf(ids).logits, exported(ids).logits
+    assert torch.isfinite(after).all() and not torch.allclose(before, after), "export did not carry the training"
