@@ -31,25 +31,43 @@ def assert_close(actual, expected, dtype, what: str = "") -> float:
 
 
 # Tiny shapes shrunk from the released presets (dataclasses.replace keeps every other field real).
-TINY_DIMS = dict(vocab_size=128, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
-                 max_position_embeddings=256, initializer_range=0.1)
+TINY_DIMS = dict(
+    vocab_size=128,
+    hidden_size=32,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    initializer_range=0.1,
+)
 
 TINY_DENSE = ERNIE_4_5_0P3B.replace(**TINY_DIMS, intermediate_size=48, num_hidden_layers=2, head_dim=16)
 TINY_MOE = ERNIE_4_5_21B_A3B.replace(
-    **TINY_DIMS, intermediate_size=64, num_hidden_layers=3, moe_num_experts=8, moe_k=2, moe_intermediate_size=16,
-    moe_num_shared_experts=2, moe_layer_start_index=1, moe_layer_end_index=2,
+    **TINY_DIMS,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    moe_num_experts=8,
+    moe_k=2,
+    moe_intermediate_size=16,
+    moe_num_shared_experts=2,
+    moe_layer_start_index=1,
+    moe_layer_end_index=2,
 )
 # MoE every second layer, biases everywhere, no shared experts, untied head (like 300B's head).
 TINY_MOE_INTERVAL = TINY_MOE.replace(
-    num_hidden_layers=4, moe_layer_start_index=0, moe_layer_end_index=-1, moe_layer_interval=2,
-    moe_num_shared_experts=0, use_bias=True, tie_word_embeddings=False,
+    num_hidden_layers=4,
+    moe_layer_start_index=0,
+    moe_layer_end_index=-1,
+    moe_layer_interval=2,
+    moe_num_shared_experts=0,
+    use_bias=True,
+    tie_word_embeddings=False,
 )
 
 
 def hf_model(cfg: ErnieConfig, seed: int = 0, correction_bias: np.ndarray | None = None):
     """A transformers model for `cfg` with random weights, norms and biases (so every tensor matters)."""
     import torch
-    from transformers import Ernie4_5Config, Ernie4_5ForCausalLM, Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM
+    from transformers import Ernie4_5_MoeConfig, Ernie4_5_MoeForCausalLM, Ernie4_5Config, Ernie4_5ForCausalLM
 
     hf_cfg = cfg.to_hf_config()
     config_cls, model_cls = (
@@ -97,8 +115,13 @@ def released_layout_config(cfg: ErnieConfig) -> dict:
     out["rope_theta"] = cfg.rope_theta
     out["torch_dtype"] = "bfloat16"
     if cfg.is_moe:
-        out.update(moe_layer_end_index=-1, moe_capacity=[64, 64, 64], moe_gate="topk", moe_use_aux_free=True,
-                   moe_layer_start_index=cfg.moe_layer_start_index)
+        out.update(
+            moe_layer_end_index=-1,
+            moe_capacity=[64, 64, 64],
+            moe_gate="topk",
+            moe_use_aux_free=True,
+            moe_layer_start_index=cfg.moe_layer_start_index,
+        )
     return out
 
 
