@@ -196,7 +196,10 @@ def restore_iterator(
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise ValueError(f"not an {STATE_FORMAT} iterator state (make it with iterator_state): {str(state)[:200]}")
     want = _fingerprint(cfg, process_index, process_count)
-    diff = {k: (state["config"].get(k), v) for k, v in want.items() if state["config"].get(k) != v}
+    # A field added after the state was saved reads as its default (states from older versions stay valid).
+    defaults = _fingerprint(DataConfig(), process_index, process_count)
+    saved = {**defaults, **state["config"]}
+    diff = {k: (saved.get(k), v) for k, v in want.items() if saved.get(k) != v}
     if diff:
         details = ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in sorted(diff.items()))
         raise ValueError(f"iterator state was saved with a different data config / process layout ({details})")
