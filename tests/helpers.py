@@ -132,3 +132,17 @@ def write_json(path, obj) -> None:
 
 def random_ids(batch: int, length: int, vocab: int, seed: int = 0) -> np.ndarray:
     return np.random.RandomState(seed).randint(0, vocab, (batch, length)).astype(np.int32)
+
+
+# A few-second training run of the tiny preset (CLI overrides), shared by the training tests.
+SMALL_TRAIN_OVERRIDES = [
+    "model.num_hidden_layers=2",
+    "model.hidden_size=64",
+    "model.intermediate_size=128",
+    "model.head_dim=16",
+    "model.moe_intermediate_size=32",
+    "data.seq_len=32",
+    "data.global_batch_size=8",
+    "log_every=1",
+    "sample_tokens=0",
+]

@@ -11,17 +11,11 @@ import sys
 import numpy as np
 import pytest
 
+from tests.helpers import SMALL_TRAIN_OVERRIDES
+
 ARGS = [
-    "model.num_hidden_layers=2",
-    "model.hidden_size=64",
-    "model.intermediate_size=128",
-    "model.head_dim=16",
-    "model.moe_intermediate_size=32",
-    "data.seq_len=32",
-    "data.global_batch_size=8",
-    "log_every=1",
+    *SMALL_TRAIN_OVERRIDES,
     "steps=3",
-    "sample_tokens=0",
     "checkpoint.every=3",
     "data.process_sharding=rows",
     "mesh.data=2",

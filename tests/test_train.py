@@ -13,20 +13,9 @@ from ernie_jax import train as train_mod
 from ernie_jax.checkpointing import CheckpointMismatchError
 from ernie_jax.config import ConfigError
 from ernie_jax.train_config import apply_overrides, load_preset
+from tests.helpers import SMALL_TRAIN_OVERRIDES
 
-SMALL = [
-    "model.num_hidden_layers=2",
-    "model.hidden_size=64",
-    "model.intermediate_size=128",
-    "model.head_dim=16",
-    "model.moe_intermediate_size=32",
-    "data.seq_len=32",
-    "data.global_batch_size=8",
-    "log_every=1",
-    "sample_tokens=0",
-    "checkpoint.async_save=false",
-    "optim.warmup_steps=2",
-]
+SMALL = [*SMALL_TRAIN_OVERRIDES, "checkpoint.async_save=false", "optim.warmup_steps=2"]
 
 
 def small_cfg(tmp_path, *extra):
@@ -94,7 +83,8 @@ def test_aux_free_bias_moves_toward_balance(tmp_path):
     biases = nnx.State({"groups": {1: {"layers": {0: {"ffn": {"correction_bias": nnx.Variable(jnp.zeros((1, 4)))}}}}}})
     new = _update_biases(biases, counts, 0.1)
     np.testing.assert_array_equal(
-        new["groups"][1]["layers"][0]["ffn"]["correction_bias"].get_value(), np.array([[-0.1, 0.1, 0.0, 0.0]], np.float32)
+        new["groups"][1]["layers"][0]["ffn"]["correction_bias"].get_value(),
+        np.array([[-0.1, 0.1, 0.0, 0.0]], np.float32),
     )  # overloaded expert down, idle expert up
 
 
