@@ -16,6 +16,7 @@ import sharding
 from ernie_jax.config import ERNIE_4_5_21B_A3B
 from ernie_jax.model import ErnieForCausalLM, abstract_model, moe_layer_stats
 from ernie_jax.moe import Routing, dense_moe_oracle, expert_swiglu
+from ernie_jax.train_config import load_preset
 from tests.helpers import TINY_MOE, assert_close
 
 MESHES = {
@@ -157,12 +158,15 @@ def test_sharding_mesh_errors_name_the_fix():
 # ------------------------------------------------------------------------------------------------------------------
 # Layout golden: PartitionSpec of every a3b parameter on an abstract v5p-64 mesh, reviewed as a JSON diff.
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "a3b_v5p64_param_specs.json")
-A3B_TPU_MESH = dict(dcn=1, data=1, fsdp=8, expert=8, tensor=1)  # 64 chips
 
 
 def a3b_param_specs() -> dict[str, list]:
-    mesh = jax.sharding.AbstractMesh(tuple(A3B_TPU_MESH.values()), tuple(A3B_TPU_MESH))
-    state = nnx.state(abstract_model(ERNIE_4_5_21B_A3B))
+    """The a3b_tpu preset's own model and mesh (64 devices) on an abstract mesh: no devices needed."""
+    preset = load_preset("a3b_tpu")
+    sizes = sharding.resolve_mesh_shape(preset.mesh.sizes, preset.min_devices)
+    mesh = jax.sharding.AbstractMesh(tuple(sizes.values()), tuple(sizes))
+    assert preset.model == ERNIE_4_5_21B_A3B
+    state = nnx.state(abstract_model(preset.model))
     out = {}
     for path, var in nnx.to_flat_state(state):
         name = ".".join(map(str, path))
