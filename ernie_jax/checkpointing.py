@@ -88,10 +88,11 @@ class TrainCheckpointer:
         )
         try:
             restored = self.manager.restore(step, args=args)
-        except (ValueError, KeyError) as e:
+        except Exception as e:  # noqa: BLE001 - damaged files or another optimizer layout: name the step and the cause
             raise CheckpointMismatchError(
-                f"{self.directory}/{step}: its arrays do not match this run's state ({e}). Was it written by another "
-                "optimizer configuration?"
+                f"{self.directory}/{step}: cannot be restored into this run's state ({type(e).__name__}: {e}). The "
+                "checkpoint is damaged, or was written with another optimizer configuration; delete that step "
+                "directory to resume from the previous one."
             ) from e
         return dict(
             params=restored["params"],

@@ -164,3 +164,20 @@ def test_init_from_hf_and_export(tmp_path):
     with torch.no_grad():
         before, after = hf(ids).logits, exported(ids).logits
     assert torch.isfinite(after).all() and not torch.allclose(before, after), "export did not carry the training"
+
+
+def test_damaged_checkpoint_is_named_and_unfinished_save_is_ignored(tmp_path):
+    train_mod.train(small_cfg(tmp_path, "steps=2", "checkpoint.every=1", "checkpoint.keep=5"), progress=False)
+    ckpts = tmp_path / "checkpoints"
+    # A save cut short (preemption) leaves only Orbax's temporary directory: it is never taken as the latest.
+    (ckpts / "7.orbax-checkpoint-tmp-1234").mkdir()
+    from ernie_jax.checkpointing import TrainCheckpointer
+
+    assert TrainCheckpointer(str(ckpts), keep=5).latest_step() == 2
+    # A finalised step whose array files were damaged afterwards is refused with its path, not half-loaded.
+    victims = [p for p in (ckpts / "2" / "params").rglob("*") if p.is_file() and p.stat().st_size > 0]
+    assert victims
+    for p in victims:
+        p.write_bytes(b"")
+    with pytest.raises(CheckpointMismatchError, match=r"checkpoints/2"):
+        train_mod.train(small_cfg(tmp_path, "steps=3", "checkpoint.every=1", "checkpoint.keep=5"), progress=False)
