@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import pallas_kernels
+import sharding
 from ernie_jax.config import ErnieConfig
 
 Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
@@ -120,9 +121,14 @@ class Attention(nnx.Module):
             v = v + self.bv[...].astype(self.dtype)
         q = apply_interleaved_rope(q, positions, self.rope_theta)
         k = apply_interleaved_rope(k, positions, self.rope_theta)
-        out = pallas_kernels.flash_attention(
-            q, k, v, causal=True, segment_ids=segment_ids, implementation=self.attention_impl
-        )  # [B, T, N, H]
+        attend = lambda q_, k_, v_, seg: pallas_kernels.flash_attention(
+            q_, k_, v_, causal=True, segment_ids=seg, implementation=self.attention_impl
+        )
+        ctx = sharding.active()
+        if ctx is not None and ctx.mesh.size > 1:  # a Pallas kernel is not partitioned by XLA: run it per shard
+            out = sharding.sharded_attention(attend, q, k, v, segment_ids, ctx)
+        else:
+            out = attend(q, k, v, segment_ids)  # [B, T, N, H]
         y = jnp.einsum("BTNH,NHD->BTD", out.astype(self.dtype), self.wo[...].astype(self.dtype))
         if self.use_bias:
             y = y + self.bo[...].astype(self.dtype)

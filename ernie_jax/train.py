@@ -22,15 +22,16 @@ from tqdm.auto import tqdm
 
 import sharding
 from ernie_jax.checkpointing import TrainCheckpointer
-from ernie_jax.config import ConfigError, human_count
+from ernie_jax.config import human_count
 from ernie_jax.data import iterator_state, make_iterator, make_tokenizer, restore_iterator
 from ernie_jax.generate import greedy
 from ernie_jax.hf.checkpoint import from_pretrained, save_pretrained
 from ernie_jax.metrics import MetricsWriter, peak_flops_per_device
-from ernie_jax.model import ErnieForCausalLM, ModelOptions
+from ernie_jax.model import ErnieForCausalLM
 from ernie_jax.optim import make_optimizer
+from ernie_jax.step_builder import batch_sharding, jit_train_step, model_creator, model_options, opt_state_shardings
 from ernie_jax.train_config import TrainConfig, apply_overrides, describe_fields, list_presets, load_preset
-from ernie_jax.train_step import as_metrics_dict, make_train_step, model_flops_per_token, split_model
+from ernie_jax.train_step import as_metrics_dict, model_flops_per_token, split_model
 
 log = logging.getLogger("ernie_jax.train")
 
@@ -89,16 +90,11 @@ def check_devices(cfg: TrainConfig, name: str) -> None:
 
 def build_model(cfg: TrainConfig, mesh) -> ErnieForCausalLM:
     """fp32 master weights, compute in cfg.dtype, every parameter born on its sharding."""
-    options = ModelOptions(remat=cfg.remat, attention_impl=cfg.attention_impl, gmm_impl=cfg.gmm_impl)
-    compute = jnp.dtype(cfg.dtype)
     if cfg.init_from_hf:
-        return from_pretrained(cfg.init_from_hf, dtype=compute, param_dtype=jnp.float32, mesh=mesh, options=options)
-
-    def create():
-        return ErnieForCausalLM(
-            cfg.model, rngs=nnx.Rngs(cfg.seed), dtype=compute, param_dtype=jnp.float32, options=options
+        return from_pretrained(
+            cfg.init_from_hf, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.float32, mesh=mesh, options=model_options(cfg)
         )
-
+    create = model_creator(cfg)
     graphdef, abstract_state = nnx.split(nnx.eval_shape(create))
     shardings = sharding.state_shardings(abstract_state, mesh)
     state = jax.jit(lambda: nnx.state(create()), out_shardings=shardings)()
@@ -121,13 +117,11 @@ def train(cfg: TrainConfig, name: str = "custom", *, progress: bool = True) -> d
     graphdef, params, biases = split_model(model)
     del model
     optimizer = make_optimizer(cfg.optim, cfg.steps, params)
-    opt_state = jax.jit(optimizer.init)(params)
-    # Scalars such as Adam's step count come out unplaced: put them on the mesh (replicated) like everything else,
-    # so the first and later steps see the same input types and the step compiles once.
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    opt_state = jax.tree.map(
-        lambda x: x if isinstance(x.sharding, jax.sharding.NamedSharding) else jax.device_put(x, replicated), opt_state
-    )
+    param_sh = jax.tree.map(lambda x: x.sharding, params)
+    bias_sh = jax.tree.map(lambda x: x.sharding, biases)
+    # Adam moments on their parameters' shardings, scalars replicated (jit alone would leave them unsharded).
+    opt_sh = opt_state_shardings(optimizer, params, param_sh, mesh)
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(params)
     n_params = model_cfg.num_params()
     log.info(
         "%s: %s params (%s active), mesh %s, %d %s device(s)",
@@ -158,26 +152,8 @@ def train(cfg: TrainConfig, name: str = "custom", *, progress: bool = True) -> d
         )
         log.info("Resumed from %s at step %d", ckpt.directory, step)
 
-    batch_spec = sharding.logical_to_spec(("batch", None), mesh)
-    batch_sharding = jax.sharding.NamedSharding(mesh, batch_spec)
-    shards = int(np.prod([mesh.shape[a] for a in sharding.rules._as_tuple(batch_spec[0])] or [1]))
-    if cfg.data.global_batch_size % shards:
-        raise ConfigError(
-            f"data.global_batch_size: {cfg.data.global_batch_size} is not divisible by the {shards} "
-            "batch shards of the mesh (data * fsdp * expert)"
-        )
-    param_sh = jax.tree.map(lambda x: x.sharding, params)
-    bias_sh = jax.tree.map(lambda x: x.sharding, biases)
-    opt_sh = jax.tree.map(lambda x: x.sharding, opt_state)
-    batch_sh = {k: batch_sharding for k in ("input_ids", "targets", "segment_ids", "positions", "loss_mask")}
-    scalar_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    # Explicit in and out shardings: every call sees the same signature, so the step compiles once.
-    step_fn = jax.jit(
-        make_train_step(graphdef, cfg, optimizer),
-        donate_argnums=(0, 1, 2),
-        in_shardings=(param_sh, bias_sh, opt_sh, batch_sh, scalar_sh),
-        out_shardings=(param_sh, bias_sh, opt_sh, None),
-    )
+    batch_sh = batch_sharding(cfg, mesh)
+    step_fn = jit_train_step(cfg, graphdef, optimizer, mesh, param_sh, bias_sh, opt_sh)
 
     stop = {"signal": None}
 
@@ -197,7 +173,7 @@ def train(cfg: TrainConfig, name: str = "custom", *, progress: bool = True) -> d
     try:
         with sharding.use_mesh(mesh, moe_transport=cfg.mesh.moe_transport):
             while step < cfg.steps:
-                batch = place_batch(next(data), batch_sharding)
+                batch = place_batch(next(data), batch_sh)
                 params, biases, opt_state, metrics = step_fn(params, biases, opt_state, batch, jnp.int32(step))
                 step += 1
                 window_steps += 1

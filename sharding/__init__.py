@@ -1,5 +1,6 @@
 """Meshes, the logical-axis rules table and sharding helpers. The only place mesh axis names appear."""
 
+from sharding.attention import attention_specs, sharded_attention
 from sharding.context import MOE_TRANSPORTS, ShardingContext, active, shard, use_mesh
 from sharding.expert_parallel import expert_parallel_moe
 from sharding.mesh import MeshError, make_mesh, resolve_mesh_shape
@@ -16,8 +17,10 @@ __all__ = [
     "MOE_TRANSPORTS",
     "ShardingContext",
     "active",
+    "attention_specs",
     "expert_parallel_moe",
     "shard",
+    "sharded_attention",
     "use_mesh",
     "DEFAULT_RULES",
     "MeshError",
