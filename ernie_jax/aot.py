@@ -1,0 +1,297 @@
+"""Prove pod readiness from a CPU host: AOT-compile the trainer's own step for a TPU topology through libtpu.
+
+    python -m ernie_jax.aot --config=a3b_tpu --topology=v5p-64 [--json] [key=value ...]
+
+Nothing is allocated: parameters, biases and optimizer state are `ShapeDtypeStruct`s carrying the trainer's
+shardings, the batch is the preset's global batch. The report gives bytes per chip against the chip's HBM,
+compile time, compiled vs model FLOPs, the XLA cost model's step time and MFU, and the collectives in the HLO.
+
+Topology names (Cloud TPU naming): v4-N and v5p-N count TensorCores (2 per chip, so v5p-64 = 32 chips = 2x4x4);
+v5e-N / v5litepod-N and v6e-N count chips (v6e-64 = 8x8). A raw libtpu name such as "v5p:2x4x4" also works.
+When the preset's mesh does not have as many devices as the topology has chips, mesh.fsdp becomes -1 (the rest).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import re  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from unittest import mock  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
+
+import pallas_kernels  # noqa: E402
+import sharding  # noqa: E402
+from ernie_jax.metrics import PEAK_FLOPS  # noqa: E402
+from ernie_jax.optim import make_optimizer  # noqa: E402
+from ernie_jax.step_builder import abstract_batch, jit_train_step, model_creator, opt_state_shardings  # noqa: E402
+from ernie_jax.train_config import TrainConfig, apply_overrides, load_preset  # noqa: E402
+from ernie_jax.train_step import model_flops_per_token, split_model  # noqa: E402
+
+# HBM per chip in bytes (JAX_MOE_ANCHORS.md §6).
+HBM_BYTES = {"v4": 32 * 2**30, "v5p": 95e9, "v5e": 16e9, "v6e": 32e9}
+PEAK_KEY = {"v4": "TPU v4", "v5p": "TPU v5p", "v5e": "TPU v5e", "v6e": "TPU v6e"}
+CORES_PER_CHIP = {"v4": 2, "v5p": 2, "v5e": 1, "v6e": 1}  # what the Cloud name's number counts
+LIBTPU_NAME = {"v4": "v4", "v5p": "v5p", "v5e": "v5e", "v6e": "v6e"}
+SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
+             512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"}  # fmt: skip
+SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
+COLLECTIVES = ("all-gather", "all-to-all", "ragged-all-to-all", "reduce-scatter", "all-reduce", "collective-permute")
+DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
+               "s64": 8, "u64": 8, "f64": 8, "f8e4m3fn": 1, "f8e5m2": 1}  # fmt: skip
+
+
+def resolve_topology(name: str) -> tuple[str, str, int]:
+    """(generation, libtpu topology name, chips) for "v5p-64" (Cloud naming) or "v5p:2x4x4" (libtpu naming)."""
+    if ":" in name:
+        gen, shape = name.split(":", 1)
+        gen = "v5e" if gen in ("v5e", "v5litepod") else gen
+        if gen not in HBM_BYTES:
+            raise SystemExit(f"--topology: unknown generation {gen!r}; one of {sorted(HBM_BYTES)}")
+        return gen, f"{LIBTPU_NAME[gen]}:{shape}", math.prod(int(x) for x in shape.split("x"))
+    m = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)-(\d+)", name)
+    if not m:
+        raise SystemExit(f"--topology: expected e.g. v5p-64, v4-32, v6e-64 or v5p:2x4x4, got {name!r}")
+    gen = "v5e" if m.group(1) == "v5litepod" else m.group(1)
+    chips, rem = divmod(int(m.group(2)), CORES_PER_CHIP[gen])
+    shapes = SHAPES_3D if gen in ("v4", "v5p") else SHAPES_2D
+    if rem or chips not in shapes:
+        raise SystemExit(f"--topology: {name} is not a slice size this tool knows; pass a libtpu name like v5p:2x4x4")
+    return gen, f"{LIBTPU_NAME[gen]}:{shapes[chips]}", chips
+
+
+def topology_devices(libtpu_name: str):
+    from jax.experimental import topologies
+
+    return topologies.get_topology_desc(platform="tpu", topology_name=libtpu_name).devices
+
+
+@contextlib.contextmanager
+def target_tpu_kernels():
+    """Trace for TPU from a CPU host: "auto" resolves to the Pallas (Mosaic) kernels, compiled, not interpreted.
+
+    pallas_kernels decides by jax.default_backend(), which is "cpu" on this host."""
+    resolve = pallas_kernels._resolve
+
+    def resolve_tpu(implementation, op):
+        return "pallas" if implementation == "auto" else resolve(implementation, op)
+
+    with (
+        mock.patch.object(pallas_kernels, "_resolve", resolve_tpu),
+        mock.patch.object(pallas_kernels, "_kernel_and_interpret", lambda kernel, interpret: ("tpu", False)),
+    ):
+        yield
+
+
+def fit_mesh(cfg: TrainConfig, chips: int) -> tuple[dict[str, int], str | None]:
+    sizes = dict(cfg.mesh.sizes)
+    if -1 in sizes.values() or math.prod(sizes.values()) == chips:
+        return sizes, None
+    note = f"preset mesh {sizes} has {math.prod(sizes.values())} devices, the topology {chips} chips: mesh.fsdp=-1"
+    sizes["fsdp"] = -1
+    return sizes, note
+
+
+def _tree_bytes_per_chip(tree) -> int:
+    total = 0
+    for x in jax.tree.leaves(tree):
+        shard = x.sharding.shard_shape(x.shape)
+        total += math.prod(shard) * jnp.dtype(x.dtype).itemsize
+    return total
+
+
+def _shape_bytes(type_text: str) -> int:
+    """Bytes of the last array type in an HLO result type ("bf16[8,2560]{1,0}" or a tuple of them)."""
+    arrays = re.findall(r"\b([a-z0-9]+)\[([0-9,]*)\]", type_text)
+    arrays = [(d, s) for d, s in arrays if d in DTYPE_BYTES]
+    if not arrays:
+        return 0
+    dtype, dims = arrays[-1]
+    return DTYPE_BYTES[dtype] * math.prod(int(x) for x in dims.split(",") if x)
+
+
+def hlo_collectives(hlo: str) -> dict[str, dict[str, int]]:
+    """Static count and result bytes (per chip) of each collective instruction in the HLO text. An instruction in
+    the layer scan's while body is counted once, though it runs once per scanned layer."""
+    out = {name: {"count": 0, "bytes": 0} for name in COLLECTIVES}
+    pattern = re.compile(r"=\s+(.+?)\s+(" + "|".join(sorted(COLLECTIVES, key=len, reverse=True)) + r")(-start)?\(")
+    for line in hlo.splitlines():
+        m = pattern.search(line)
+        if m:
+            out[m.group(2)]["count"] += 1
+            out[m.group(2)]["bytes"] += _shape_bytes(m.group(1))
+    return out
+
+
+def _cost(compiled) -> dict:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list | tuple):
+        cost = cost[0] if cost else {}
+    return dict(cost or {})
+
+
+def compile_report(cfg: TrainConfig, topology: str) -> dict:
+    """AOT-compile cfg's train step for `topology` and return the report as a dict."""
+    gen, libtpu_name, chips = resolve_topology(topology)
+    devices = topology_devices(libtpu_name)
+    if len(devices) != chips:
+        raise SystemExit(f"--topology: libtpu gave {len(devices)} devices for {libtpu_name}, expected {chips}")
+    sizes, mesh_note = fit_mesh(cfg, chips)
+    mesh = sharding.make_mesh(**sizes, devices=devices)
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    graphdef, params, biases = split_model(nnx.eval_shape(model_creator(cfg)))
+    param_sh = sharding.state_shardings(params, mesh)
+    bias_sh = sharding.state_shardings(biases, mesh)
+    optimizer = make_optimizer(cfg.optim, cfg.steps, params)
+    opt_sh = opt_state_shardings(optimizer, params, param_sh, mesh)
+
+    def with_sharding(tree, shardings):
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+    a_params, a_biases = with_sharding(params, param_sh), with_sharding(biases, bias_sh)
+    a_opt = with_sharding(jax.eval_shape(optimizer.init, params), opt_sh)
+    a_batch = abstract_batch(cfg, mesh)
+    a_step = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+    step_fn = jit_train_step(cfg, graphdef, optimizer, mesh, param_sh, bias_sh, opt_sh)
+
+    started = time.perf_counter()
+    with target_tpu_kernels(), sharding.use_mesh(mesh, moe_transport=cfg.mesh.moe_transport):
+        lowered = step_fn.lower(a_params, a_biases, a_opt, a_batch, a_step)
+    lower_s = time.perf_counter() - started
+    compiled = lowered.compile()
+    compile_s = time.perf_counter() - started - lower_s
+
+    mem = compiled.memory_analysis()
+    hbm = HBM_BYTES[gen]
+    peak_bytes = (
+        mem.argument_size_in_bytes
+        + mem.output_size_in_bytes
+        - mem.alias_size_in_bytes
+        + mem.temp_size_in_bytes
+        + mem.generated_code_size_in_bytes
+    )
+    cost = _cost(compiled)
+    tokens = cfg.data.global_batch_size * cfg.data.seq_len
+    model_flops = model_flops_per_token(cfg.model, cfg.data.seq_len) * tokens
+    compiled_flops = float(cost.get("flops", float("nan")))  # of the SPMD-partitioned module: per chip
+    peak_flops = PEAK_FLOPS[PEAK_KEY[gen]]
+    optimal_s = cost.get("optimal_seconds")
+    optimal_s = float(optimal_s) if optimal_s is not None and optimal_s > 0 else None
+    return {
+        "config": cfg.name,
+        "topology": topology,
+        "libtpu_topology": libtpu_name,
+        "device_kind": devices[0].device_kind,
+        "chips": chips,
+        "mesh": dict(mesh.shape),
+        "mesh_note": mesh_note,
+        "moe_transport": cfg.mesh.moe_transport,
+        "layers": cfg.model.num_hidden_layers,
+        "global_batch": cfg.data.global_batch_size,
+        "seq_len": cfg.data.seq_len,
+        "params": cfg.model.num_params(),
+        "active_params": cfg.model.num_active_params(),
+        "lower_s": lower_s,
+        "compile_s": compile_s,
+        "bytes_per_chip": {
+            "params": _tree_bytes_per_chip(a_params),
+            "biases": _tree_bytes_per_chip(a_biases),
+            "opt_state": _tree_bytes_per_chip(a_opt),
+            "batch": _tree_bytes_per_chip(a_batch),
+            "arguments": mem.argument_size_in_bytes,
+            "outputs": mem.output_size_in_bytes,
+            "aliased": mem.alias_size_in_bytes,
+            "temporaries": mem.temp_size_in_bytes,
+            "generated_code": mem.generated_code_size_in_bytes,
+            "peak_estimate": peak_bytes,
+        },
+        "hbm_bytes": hbm,
+        "fits": peak_bytes <= hbm,
+        "compiled_flops_per_chip": compiled_flops,
+        "model_flops": model_flops,
+        "model_flops_per_chip": model_flops / chips,
+        "compiled_over_model": compiled_flops * chips / model_flops,
+        "peak_flops_per_chip": peak_flops,
+        "cost_model_step_s": optimal_s,
+        "cost_model_mfu": (model_flops / chips) / (optimal_s * peak_flops) if optimal_s else None,
+        "bytes_accessed_per_chip": float(cost.get("bytes accessed", float("nan"))),
+        "collectives": hlo_collectives(compiled.as_text()),
+    }
+
+
+def _gb(x: float) -> str:
+    return f"{x / 1e9:7.2f} GB"
+
+
+def format_report(r: dict) -> str:
+    b = r["bytes_per_chip"]
+    lines = [
+        f"{r['config']} on {r['topology']} ({r['libtpu_topology']}, {r['chips']} x {r['device_kind']}), "
+        f"mesh {r['mesh']}, moe {r['moe_transport']}",
+    ]
+    if r["mesh_note"]:
+        lines.append(f"  note: {r['mesh_note']}")
+    lines += [
+        f"  model: {r['params'] / 1e9:.1f}B params ({r['active_params'] / 1e9:.2f}B active), {r['layers']} layers; "
+        f"global batch {r['global_batch']} x {r['seq_len']} tokens",
+        f"  compile: lower {r['lower_s']:.1f} s + compile {r['compile_s']:.1f} s",
+        "  bytes per chip:",
+        f"    params (fp32)     {_gb(b['params'])}",
+        f"    optimizer state   {_gb(b['opt_state'])}",
+        f"    biases + batch    {_gb(b['biases'] + b['batch'])}",
+        f"    arguments         {_gb(b['arguments'])}  (outputs {_gb(b['outputs'])}, aliased {_gb(b['aliased'])})",
+        f"    temporaries       {_gb(b['temporaries'])}",
+        f"    peak estimate     {_gb(b['peak_estimate'])}  of {_gb(r['hbm_bytes'])} HBM "
+        f"({b['peak_estimate'] / r['hbm_bytes']:.0%}): {'fits' if r['fits'] else 'DOES NOT FIT'}",
+        f"  FLOPs per step: compiled {r['compiled_flops_per_chip']:.3e} per chip (cost_analysis of the partitioned "
+        f"module) vs model {r['model_flops_per_chip']:.3e} per chip ({r['model_flops']:.3e} total): "
+        f"ratio {r['compiled_over_model']:.2f}",
+    ]
+    if r["cost_model_step_s"]:
+        lines.append(
+            f"  XLA cost model: {r['cost_model_step_s'] * 1e3:.1f} ms/step -> MFU {r['cost_model_mfu']:.1%} "
+            f"of {r['peak_flops_per_chip'] / 1e12:.0f} TFLOP/s per chip"
+        )
+    else:
+        lines.append("  XLA cost model: no optimal_seconds in cost_analysis()")
+    lines.append("  collectives (static HLO instructions; loop bodies counted once; result bytes per chip):")
+    for name, c in r["collectives"].items():
+        if c["count"]:
+            lines.append(f"    {name:18s} {c['count']:4d}  {c['bytes'] / 2**20:10.1f} MiB")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m ernie_jax.aot",
+        description="AOT-compile the train step for a TPU topology on this host; overrides are key=value.",
+    )
+    parser.add_argument("--config", default="a3b_tpu")
+    parser.add_argument("--topology", default="v5p-64", help="v5p-64, v4-32, v6e-64, v5e-16, or v5p:2x4x4")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    args, overrides = parser.parse_known_args(argv)
+    unknown = [o for o in overrides if o.startswith("-")]
+    if unknown:
+        parser.error(f"unknown option(s) {unknown}")
+    # The preset's platform/min_devices describe where it trains, not this host: AOT ignores them.
+    cfg = apply_overrides(load_preset(args.config), overrides)
+    report = compile_report(cfg, args.topology)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0 if report["fits"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
