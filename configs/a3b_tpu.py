@@ -1,4 +1,5 @@
-"""ERNIE-4.5-21B-A3B pretraining on a TPU v5p-64 slice (64 chips): FSDP 8 x expert 8, seq 4096, bf16, remat.
+"""ERNIE-4.5-21B-A3B pretraining on a TPU v5p-128 slice (64 chips; Cloud v5p-N counts TensorCores, 2 per chip):
+FSDP 8 x expert 8, seq 4096, bf16, full remat. On v5p-64 (32 chips) use mesh.fsdp=4.
 
 Data: set data.sources=... and data.tokenizer=<dir with ERNIE's tokenizer.model>; the default corpus is a demo.
 """

@@ -82,9 +82,10 @@ def check_devices(cfg: TrainConfig, name: str) -> None:
         raise SystemExit(
             f"--config={name} is meant for {cfg.min_devices} {cfg.platform.upper()} devices with mesh "
             f"{cfg.mesh.sizes}; this host has {count} {backend} device(s).\n"
-            f"  Launch it on each host of such a slice, or run a reduced copy here, e.g.:\n"
-            f"  python -m ernie_jax.train --config={name} platform=any min_devices=1 mesh.fsdp=1 mesh.expert=1 "
-            "model.num_hidden_layers=2 data.global_batch_size=8 data.seq_len=128"
+            f"  Launch it on each host of such a slice. Check that it compiles and fits from this host first:\n"
+            f"  python -m ernie_jax.aot --config={name} --topology=v5p-128   (needs the tpu extra: libtpu)\n"
+            f"  Or run a reduced copy here: python -m ernie_jax.train --config={name} platform=any min_devices=1 "
+            "mesh.fsdp=1 mesh.expert=1 model.num_hidden_layers=2 data.global_batch_size=8 data.seq_len=128"
         )
 
 
