@@ -19,13 +19,11 @@ os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import argparse  # noqa: E402
-import contextlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from unittest import mock  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -76,23 +74,6 @@ def topology_devices(libtpu_name: str):
     from jax.experimental import topologies
 
     return topologies.get_topology_desc(platform="tpu", topology_name=libtpu_name).devices
-
-
-@contextlib.contextmanager
-def target_tpu_kernels():
-    """Trace for TPU from a CPU host: "auto" resolves to the Pallas (Mosaic) kernels, compiled, not interpreted.
-
-    pallas_kernels decides by jax.default_backend(), which is "cpu" on this host."""
-    resolve = pallas_kernels._resolve
-
-    def resolve_tpu(implementation, op):
-        return "pallas" if implementation == "auto" else resolve(implementation, op)
-
-    with (
-        mock.patch.object(pallas_kernels, "_resolve", resolve_tpu),
-        mock.patch.object(pallas_kernels, "_kernel_and_interpret", lambda kernel, interpret: ("tpu", False)),
-    ):
-        yield
 
 
 def fit_mesh(cfg: TrainConfig, chips: int) -> tuple[dict[str, int], str | None]:
@@ -168,7 +149,7 @@ def compile_report(cfg: TrainConfig, topology: str) -> dict:
     step_fn = jit_train_step(cfg, graphdef, optimizer, mesh, param_sh, bias_sh, opt_sh)
 
     started = time.perf_counter()
-    with target_tpu_kernels(), sharding.use_mesh(mesh, moe_transport=cfg.mesh.moe_transport):
+    with pallas_kernels.target_platform("tpu"), sharding.use_mesh(mesh, moe_transport=cfg.mesh.moe_transport):
         lowered = step_fn.lower(a_params, a_biases, a_opt, a_batch, a_step)
     lower_s = time.perf_counter() - started
     compiled = lowered.compile()

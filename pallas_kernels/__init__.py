@@ -11,6 +11,8 @@ from a CPU host (kernel="tpu", interpret=False) or interpreting the GPU kernel o
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 
 from pallas_kernels.flash_attention.reference import attention_reference
@@ -19,16 +21,36 @@ from pallas_kernels.gmm.reference import gmm_reference
 IMPLEMENTATIONS = ("auto", "xla", "pallas")
 
 
+_TARGET: list[str] = []  # platforms named by target_platform(), innermost last
+
+
+@contextlib.contextmanager
+def target_platform(platform: str):
+    """Trace kernels for `platform` ("tpu" | "gpu") whatever the host's backend: "auto" picks that platform's
+    compiled Pallas kernel, never interpret mode. For AOT-compiling TPU programs on a CPU host (ernie_jax.aot)."""
+    if platform not in ("tpu", "gpu"):
+        raise ValueError(f"target_platform: 'tpu' or 'gpu', got {platform!r}")
+    _TARGET.append(platform)
+    try:
+        yield
+    finally:
+        _TARGET.pop()
+
+
+def _backend() -> str:
+    return _TARGET[-1] if _TARGET else jax.default_backend()
+
+
 def _resolve(implementation: str, op: str) -> str:
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"{op}: implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     if implementation == "auto":
-        return "pallas" if jax.default_backend() in ("tpu", "gpu") else "xla"
+        return "pallas" if _backend() in ("tpu", "gpu") else "xla"
     return implementation
 
 
 def _kernel_and_interpret(kernel: str | None, interpret) -> tuple[str, object]:
-    backend = jax.default_backend()
+    backend = _backend()
     if kernel is None:
         kernel = "gpu" if backend == "gpu" else "tpu"
     if interpret is None:
@@ -97,4 +119,4 @@ def flash_attention(
     )  # fmt: skip
 
 
-__all__ = ["flash_attention", "gmm", "attention_reference", "gmm_reference"]
+__all__ = ["attention_reference", "flash_attention", "gmm", "gmm_reference", "target_platform"]
