@@ -90,7 +90,7 @@ def make_train_step(graphdef: nnx.GraphDef, cfg: TrainConfig, optimizer: optax.G
         ce = metrics_sum["ce_sum"] / num_tokens
         loss = ce + coef.aux_loss_coef * metrics_sum["aux_loss"] + coef.z_loss_coef * metrics_sum["z_loss"]
         loss = loss + coef.ortho_loss_coef * metrics_sum["ortho_loss"]
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, new_opt_state = optimizer.update(grads, opt_state, params)
         new_params = optax.apply_updates(params, updates)
         new_biases = _update_biases(biases, metrics_sum["counts"], coef.bias_update_rate)
