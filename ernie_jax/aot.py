@@ -28,7 +28,6 @@ import time  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 import pallas_kernels  # noqa: E402
 import sharding  # noqa: E402
@@ -131,7 +130,7 @@ def compile_report(cfg: TrainConfig, topology: str) -> dict:
         raise SystemExit(f"--topology: libtpu gave {len(devices)} devices for {libtpu_name}, expected {chips}")
     sizes, mesh_note = fit_mesh(cfg, chips)
     mesh = sharding.make_mesh(**sizes, devices=devices)
-    replicated = NamedSharding(mesh, PartitionSpec())
+    replicated = sharding.replicated(mesh)
 
     graphdef, params, biases = split_model(nnx.eval_shape(model_creator(cfg)))
     param_sh = sharding.state_shardings(params, mesh)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding
 
 import sharding
 from ernie_jax.config import ConfigError, ErnieConfig
@@ -55,7 +55,7 @@ def opt_state_shardings(optimizer: optax.GradientTransformation, params, param_s
         jax.tree_util.tree_leaves_with_path(params), jax.tree_util.tree_leaves(param_shardings), strict=True
     ):
         by_path[_key_str(path)] = (tuple(p.shape), s)
-    replicated = NamedSharding(mesh, PartitionSpec())
+    replicated = sharding.replicated(mesh)
     abstract = jax.eval_shape(optimizer.init, params)
 
     def one(path, leaf):
@@ -90,7 +90,7 @@ def abstract_batch(cfg: TrainConfig, mesh: Mesh) -> dict[str, jax.ShapeDtypeStru
 def jit_train_step(cfg: TrainConfig, graphdef, optimizer, mesh: Mesh, param_sh, bias_sh, opt_sh):
     """The trainer's step, jitted with explicit in/out shardings (so it compiles once) and donated state."""
     batch_sh = {k: batch_sharding(cfg, mesh) for k in BATCH_KEYS}
-    scalar_sh = NamedSharding(mesh, PartitionSpec())
+    scalar_sh = sharding.replicated(mesh)
     return jax.jit(
         make_train_step(graphdef, cfg, optimizer),
         donate_argnums=(0, 1, 2),

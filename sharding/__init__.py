@@ -9,6 +9,7 @@ from sharding.rules import (
     ShardingError,
     logical_to_spec,
     named_sharding,
+    replicated,
     shard_state,
     state_shardings,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "logical_to_spec",
     "make_mesh",
     "named_sharding",
+    "replicated",
     "resolve_mesh_shape",
     "shard_state",
     "state_shardings",

@@ -84,6 +84,11 @@ def logical_to_spec(
     return PartitionSpec(*spec)
 
 
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Every device holds the whole array (scalars, counters)."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
 def named_sharding(logical_axes, mesh: Mesh, rules=DEFAULT_RULES, shape=None, name="tensor") -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(logical_axes, mesh, rules, shape, name))
 
