@@ -109,7 +109,7 @@ class LayerGroup(nnx.Module):
                 stats.append(layer_stats)
             return sharding.shard(carry, "batch", "seq", "act_embed"), tuple(stats)
 
-        if REMAT_POLICIES[self.remat] is not None or self.remat == "full":
+        if self.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
         h, stats = jax.lax.scan(body, h, state)  # stats: per pattern position, stacked [R, ...] or None
         return h, stats

@@ -28,7 +28,7 @@ from ernie_jax.generate import greedy
 from ernie_jax.hf.checkpoint import from_pretrained, save_pretrained
 from ernie_jax.metrics import MetricsWriter, peak_flops_per_device
 from ernie_jax.model import ErnieForCausalLM
-from ernie_jax.optim import make_optimizer
+from ernie_jax.optim import lr_schedule, make_optimizer
 from ernie_jax.step_builder import batch_sharding, jit_train_step, model_creator, model_options, opt_state_shardings
 from ernie_jax.train_config import TrainConfig, apply_overrides, describe_fields, list_presets, load_preset
 from ernie_jax.train_step import as_metrics_dict, model_flops_per_token, split_model
@@ -118,6 +118,7 @@ def train(cfg: TrainConfig, name: str = "custom", *, progress: bool = True) -> d
     graphdef, params, biases = split_model(model)
     del model
     optimizer = make_optimizer(cfg.optim, cfg.steps, params)
+    schedule = lr_schedule(cfg.optim, cfg.steps)  # the same schedule the optimizer uses, for logging
     param_sh = jax.tree.map(lambda x: x.sharding, params)
     bias_sh = jax.tree.map(lambda x: x.sharding, biases)
     # Adam moments on their parameters' shardings, scalars replicated (jit alone would leave them unsharded).
@@ -187,7 +188,7 @@ def train(cfg: TrainConfig, name: str = "custom", *, progress: bool = True) -> d
                     scalars.update(
                         tokens_per_s=tok_s,
                         mfu=tok_s * flops_per_token / (peak * jax.device_count()),
-                        lr=float(optimizer_lr(cfg, step - 1)),
+                        lr=float(schedule(step - 1)),
                     )
                     if not scalars["finite"]:
                         skipped += 1
@@ -234,12 +235,6 @@ def train(cfg: TrainConfig, name: str = "custom", *, progress: bool = True) -> d
         save_pretrained(model, cfg.export_hf, dtype=jnp.bfloat16, progress=progress and is_main)
         log.info("Exported the trained model to %s (Hugging Face format)", cfg.export_hf)
     return summary
-
-
-def optimizer_lr(cfg: TrainConfig, step: int) -> float:
-    from ernie_jax.optim import lr_schedule
-
-    return lr_schedule(cfg.optim, cfg.steps)(step)
 
 
 def main(argv: list[str] | None = None) -> int:
