@@ -70,6 +70,7 @@ def gmm(
     tiling: tuple[int, int, int] | None = None,
     kernel: str | None = None,
     interpret=None,
+    cost_rows: int | None = None,
 ) -> jax.Array:
     """Grouped matmul [M, K] x [G_local, K, N] -> [M, N]; lhs rows sorted by group, group_sizes [G] int32.
 
@@ -88,7 +89,7 @@ def gmm(
     kernel, interpret = _kernel_and_interpret(kernel, interpret)
     return ops.gmm(
         lhs, rhs, group_sizes, group_offset=group_offset, preferred_element_type=preferred_element_type,
-        tiling=tiling, kernel=kernel, interpret=interpret,
+        tiling=tiling, kernel=kernel, interpret=interpret, cost_rows=cost_rows,
     )  # fmt: skip
 
 

@@ -247,6 +247,12 @@ def backward(q, k, v, q_seg, kv_seg, o, lse, do, cfg: Static):
         out_specs=pl.BlockSpec((None, None, bq, h), q_map),
         scratch_shapes=[pltpu.VMEM((bq, h), jnp.float32)],
         compiler_params=_params("parallel", "parallel", "parallel", "arbitrary"),
+        # Recomputes S = QK^T and dP = dO V^T, then dQ = dS K: three [T, S, H] matmuls per head.
+        cost_estimate=pl.CostEstimate(
+            flops=6 * b * n * t * s * h // (2 if cfg.causal else 1),
+            transcendentals=b * n * t * s // (2 if cfg.causal else 1),
+            bytes_accessed=q.dtype.itemsize * (3 * q.size + 2 * k.size * nq),
+        ),
         interpret=cfg.interpret,
         name="ernie_flash_dq",
     )(*args)
@@ -274,6 +280,12 @@ def backward(q, k, v, q_seg, kv_seg, o, lse, do, cfg: Static):
         out_specs=(pl.BlockSpec((None, None, bk, h), kv_map5), pl.BlockSpec((None, None, bk, h), kv_map5)),
         scratch_shapes=[pltpu.VMEM((bk, h), jnp.float32), pltpu.VMEM((bk, h), jnp.float32)],
         compiler_params=_params("parallel", "parallel", "parallel", "arbitrary", "arbitrary"),
+        # Recomputes S and dP, then dV = P^T dO and dK = dS^T Q: four [T, S, H] matmuls per head.
+        cost_estimate=pl.CostEstimate(
+            flops=8 * b * n * t * s * h // (2 if cfg.causal else 1),
+            transcendentals=b * n * t * s // (2 if cfg.causal else 1),
+            bytes_accessed=q.dtype.itemsize * (2 * q.size * nk + 4 * k.size),
+        ),
         interpret=cfg.interpret,
         name="ernie_flash_dkv",
     )(*args)

@@ -60,6 +60,7 @@ def gmm(
     out_dtype,
     transpose_rhs: bool = False,
     interpret=False,
+    cost_rows: int | None = None,
 ) -> jax.Array:
     """[M, K] x [G_local, K, N] -> [M, N] (rhs [G_local, N, K] when transpose_rhs); M must divide by tm."""
     m, k = lhs.shape
@@ -110,6 +111,7 @@ def tgmm(
     tiling: tuple[int, int, int],
     out_dtype,
     interpret=False,
+    cost_rows: int | None = None,
 ) -> jax.Array:
     """Per-group lhs^T @ grad: [M, K], [M, N] -> [G_local, K, N]; empty groups give zeros."""
     m, k = lhs.shape

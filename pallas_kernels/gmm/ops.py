@@ -47,29 +47,33 @@ def _kernels(kernel: str):
     raise ValueError(f"gmm kernel must be one of {KERNELS}, got {kernel!r}")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _gmm(lhs, rhs, group_sizes, group_offset, tiling, out_dtype, kernel, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def _gmm(lhs, rhs, group_sizes, group_offset, tiling, out_dtype, kernel, interpret, cost_rows):
     fwd, _ = _kernels(kernel)
-    return fwd(lhs, rhs, group_sizes, group_offset, tiling=tiling, out_dtype=out_dtype, interpret=interpret)
+    return fwd(
+        lhs, rhs, group_sizes, group_offset, tiling=tiling, out_dtype=out_dtype, interpret=interpret,
+        cost_rows=cost_rows,
+    )  # fmt: skip
 
 
-def _gmm_fwd(lhs, rhs, group_sizes, group_offset, tiling, out_dtype, kernel, interpret):
-    out = _gmm(lhs, rhs, group_sizes, group_offset, tiling, out_dtype, kernel, interpret)
+def _gmm_fwd(lhs, rhs, group_sizes, group_offset, tiling, out_dtype, kernel, interpret, cost_rows):
+    out = _gmm(lhs, rhs, group_sizes, group_offset, tiling, out_dtype, kernel, interpret, cost_rows)
     return out, (lhs, rhs, group_sizes, group_offset)
 
 
-def _gmm_bwd(tiling, out_dtype, kernel, interpret, residuals, dout):
+def _gmm_bwd(tiling, out_dtype, kernel, interpret, cost_rows, residuals, dout):
     lhs, rhs, group_sizes, group_offset = residuals
     fwd, wgrad = _kernels(kernel)
     tm, tk, tn = tiling
     dout = dout.astype(lhs.dtype)  # the MXU runs the backward in the input dtype, accumulating in fp32
     dlhs = fwd(
         dout, rhs, group_sizes, group_offset, tiling=(tm, tn, tk), out_dtype=lhs.dtype, transpose_rhs=True,
-        interpret=interpret,
+        interpret=interpret, cost_rows=cost_rows,
     )  # fmt: skip
     drhs = wgrad(
-        lhs, dout, group_sizes, group_offset, rhs.shape[0], tiling=tiling, out_dtype=rhs.dtype, interpret=interpret
-    )
+        lhs, dout, group_sizes, group_offset, rhs.shape[0], tiling=tiling, out_dtype=rhs.dtype, interpret=interpret,
+        cost_rows=cost_rows,
+    )  # fmt: skip
     return dlhs, drhs, None, None
 
 
@@ -86,6 +90,7 @@ def gmm(
     tiling: tuple[int, int, int] | None = None,
     kernel: str = "tpu",
     interpret=False,
+    cost_rows: int | None = None,
 ) -> jax.Array:
     """Grouped matmul on a Pallas kernel, differentiable in lhs and rhs.
 
@@ -98,6 +103,9 @@ def gmm(
       tiling: (tm, tk, tn); default `default_tiling`.
       kernel: "tpu" (Mosaic) or "gpu" (Triton).
       interpret: run the kernel in the Pallas interpreter (CPU tests).
+      cost_rows: rows expected to belong to the local groups, for the kernels' cost estimates (XLA's scheduler and
+        `ernie_jax.hlo_stats`). An expert-parallel buffer is sized for the worst case, but the kernels skip rows
+        outside the local groups, so M would overstate the work. Default M.
     Returns:
       [M, N] in preferred_element_type (default lhs.dtype).
     """
@@ -109,5 +117,5 @@ def gmm(
     m_pad = round_up(m, tiling[0])
     x = jnp.pad(lhs, ((0, m_pad - m), (0, 0))) if m_pad != m else lhs  # [M_pad, K]
     x, rhs, group_sizes, offset = match_vma(x, rhs, group_sizes.astype(jnp.int32), offset)
-    out = _gmm(x, rhs, group_sizes, offset, tiling, out_dtype, kernel, interpret)
+    out = _gmm(x, rhs, group_sizes, offset, tiling, out_dtype, kernel, interpret, cost_rows)
     return out[:m] if m_pad != m else out

@@ -130,6 +130,7 @@ def gmm(
     out_dtype,
     transpose_rhs: bool = False,
     interpret=False,
+    cost_rows: int | None = None,
 ) -> jax.Array:
     """[M, K] x [G_local, K, N] -> [M, N] (rhs [G_local, N, K] when transpose_rhs). M must divide by tm."""
     m, k = lhs.shape
@@ -155,6 +156,7 @@ def gmm(
     )
     kernel = functools.partial(_gmm_kernel, tm=tm, k_tiles=k_tiles, transpose_rhs=transpose_rhs)
     itemsize = jnp.dtype(lhs.dtype).itemsize
+    mc = min(m, cost_rows or m)  # rows expected to hold local groups: the rest are zero visits
     call = pl.pallas_call(
         kernel,
         out_shape=out_struct((m, n), out_dtype, lhs, rhs, group_sizes),
@@ -162,7 +164,7 @@ def gmm(
         # Consecutive visits of one m-tile share its output block, so only the n axis may be split across cores.
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary", "arbitrary")),
         cost_estimate=pl.CostEstimate(
-            flops=2 * m * k * n, transcendentals=0, bytes_accessed=itemsize * (m * k * n_tiles + rhs.size + m * n)
+            flops=2 * mc * k * n, transcendentals=0, bytes_accessed=itemsize * (mc * k * n_tiles + rhs.size + m * n)
         ),
         interpret=interpret,
         name="ernie_gmm",
@@ -211,6 +213,7 @@ def tgmm(
     tiling: tuple[int, int, int],
     out_dtype,
     interpret=False,
+    cost_rows: int | None = None,
 ) -> jax.Array:
     """Per-group lhs^T @ grad: [M, K], [M, N] -> [G_local, K, N]; empty groups give zeros."""
     m, k = lhs.shape
@@ -232,15 +235,16 @@ def tgmm(
         scratch_shapes=[pltpu.VMEM((tk, tn), jnp.float32)],
     )
     itemsize = jnp.dtype(lhs.dtype).itemsize
+    mc = min(m, cost_rows or m)
     call = pl.pallas_call(
         functools.partial(_tgmm_kernel, tm=tm),
         out_shape=out_struct((num_local, k, n), out_dtype, lhs, grad, group_sizes),
         grid_spec=grid_spec,
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         cost_estimate=pl.CostEstimate(
-            flops=2 * m * k * n,
+            flops=2 * mc * k * n,
             transcendentals=0,
-            bytes_accessed=itemsize * (m * k * n_tiles + m * n * k_tiles + num_local * k * n),
+            bytes_accessed=itemsize * (mc * k * n_tiles + mc * n * k_tiles + num_local * k * n),
         ),
         interpret=interpret,
         name="ernie_tgmm",

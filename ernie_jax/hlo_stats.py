@@ -1,0 +1,356 @@
+"""Per-step figures read from a compiled module's HLO text, with every loop body weighted by its trip count.
+
+XLA's `cost_analysis()` visits a while loop's body once. The model runs its layers in `lax.scan`, so for a3b (one
+dense layer, then 27 MoE layers in one scan) it counts two layers of 28, and libtpu's cost model returns a
+negative `optimal_seconds` for the train step (it cannot price the ragged all-to-all and Mosaic calls). This
+module walks the HLO call graph instead:
+
+- each computation gets a multiplier: how many times one step runs it (a while body runs trip-count times per run
+  of its caller; the trip count is read from the loop condition `i < N` and the loop's initial `i`);
+- matmul FLOPs come from `dot` (2 * output elements * contracted size), `convolution` (2 * output elements *
+  kernel input features * window) and Mosaic/Triton custom calls (the `cost_estimate` their Pallas kernels carry);
+- bytes are operands plus results of each top-level instruction (what a fusion reads from and writes to HBM);
+- collectives are counted with their result bytes per chip.
+
+`roofline_seconds` turns that into a step-time estimate: per instruction max(FLOPs / peak, bytes / HBM bandwidth),
+plus collective bytes over the ICI bandwidth. It is a model, not a measurement; the test suite checks it against
+XLA's own `optimal_seconds` where XLA gives one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import re
+
+COLLECTIVES = ("all-gather", "all-to-all", "ragged-all-to-all", "reduce-scatter", "all-reduce", "collective-permute")
+DTYPE_BYTES = {"pred": 1, "s4": 1, "u4": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4,
+               "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "f8e4m3fn": 1, "f8e5m2": 1}  # fmt: skip
+# Instructions that move no data of their own (views, tuples, control flow whose bodies are counted themselves).
+_NO_TRAFFIC = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast", "while", "call", "conditional",
+               "after-all", "partition-id", "replica-id", "iota", "copy-start", "copy-done", "opt-barrier",
+               "add-dependency", "domain"}  # fmt: skip
+
+_HEADER = re.compile(r"^(ENTRY\s+)?%?([^\s(]+)\s*\(.*->.*\{\s*$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([^\s=]+)\s*=\s*(.*?)\s([a-z][a-z0-9\-]*)\((.*)$")
+_ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
+_COST_FLOPS = re.compile(
+    r'"cost_estimate":\{"flops":"?(\d+)"?(?:,"transcendentals":"?\d+"?)?(?:,"bytes_accessed":"?(\d+)"?)?'
+)
+_COLLECTIVE_OP = re.compile(r"^(" + "|".join(sorted(COLLECTIVES, key=len, reverse=True)) + r")(-start)?$")
+
+
+@dataclasses.dataclass
+class Instruction:
+    name: str
+    type_text: str  # "bf16[8,2560]{1,0}" or a tuple of them
+    opcode: str
+    operands: list[str]
+    attrs: str  # everything after the operand list
+
+    def called(self, key: str) -> list[str]:
+        m = re.search(key + r"=\{?%?([^,}\s]+(?:,\s*%[^,}\s]+)*)\}?", self.attrs)
+        return [c.strip().lstrip("%") for c in m.group(1).split(",")] if m else []
+
+
+@dataclasses.dataclass
+class Computation:
+    name: str
+    entry: bool
+    instructions: list[Instruction]
+
+    @functools.cached_property
+    def by_name(self) -> dict[str, Instruction]:
+        return {i.name: i for i in self.instructions}
+
+
+def _split_operands(rest: str) -> tuple[str, str]:
+    """`rest` starts just after `opcode(`: return (operand text, attribute text) at the matching `)`."""
+    depth = 0
+    for i, ch in enumerate(rest):
+        if ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            if depth == 0:
+                return rest[:i], rest[i + 1 :]
+            depth -= 1
+    return rest, ""
+
+
+def parse_module(text: str) -> dict[str, Computation]:
+    comps: dict[str, Computation] = {}
+    current: Computation | None = None
+    for line in text.splitlines():
+        if current is None:
+            m = _HEADER.match(line)
+            if m:
+                current = Computation(m.group(2), bool(m.group(1)), [])
+            continue
+        if line.startswith("}"):
+            comps[current.name] = current
+            current = None
+            continue
+        m = _INSTRUCTION.match(line)
+        if m:
+            operand_text, attrs = _split_operands(m.group(4))
+            operands = re.findall(r"%([^\s,()]+)", operand_text)
+            current.instructions.append(Instruction(m.group(1), m.group(2), m.group(3), operands, attrs))
+    return comps
+
+
+def arrays(type_text: str) -> list[tuple[str, tuple[int, ...]]]:
+    return [(d, tuple(int(x) for x in s.split(",") if x)) for d, s in _ARRAY.findall(type_text) if d in DTYPE_BYTES]
+
+
+def _last_array(type_text: str) -> str:
+    found = _ARRAY.findall(type_text)
+    found = [(d, dims) for d, dims in found if d in DTYPE_BYTES]
+    return f"{found[-1][0]}[{found[-1][1]}]" if found else ""
+
+
+def type_bytes(type_text: str) -> int:
+    return sum(DTYPE_BYTES[d] * math.prod(s) for d, s in arrays(type_text))
+
+
+def _shape(comp: Computation, name: str) -> tuple[int, ...] | None:
+    inst = comp.by_name.get(name)
+    if inst is None:
+        return None
+    found = arrays(inst.type_text)
+    return found[0][1] if len(found) == 1 else None
+
+
+def instruction_flops(inst: Instruction, comp: Computation) -> float:
+    """Matmul FLOPs of one instruction (0 for anything else)."""
+    if inst.opcode == "custom-call":
+        m = _COST_FLOPS.search(inst.attrs)
+        return float(m.group(1)) if m else 0.0
+    if inst.opcode not in ("dot", "convolution"):
+        return 0.0
+    out = arrays(inst.type_text)
+    if not out:
+        return 0.0
+    out_elems = math.prod(out[0][1])
+    if inst.opcode == "dot":
+        lhs = _shape(comp, inst.operands[0])
+        m = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", inst.attrs)
+        if lhs is None or not m:
+            return 0.0
+        return 2.0 * out_elems * math.prod(lhs[int(d)] for d in m.group(1).split(",") if d)
+    lhs = _shape(comp, inst.operands[0])
+    rhs = _shape(comp, inst.operands[1]) if len(inst.operands) > 1 else None
+    m = re.search(r"dim_labels=([^_]+)_([^-]+)->(\w+)", inst.attrs)
+    if lhs is None or rhs is None or not m or (len(m.group(1)), len(m.group(2))) != (len(lhs), len(rhs)):
+        return 0.0
+    lhs_dims = dict(zip(m.group(1), lhs, strict=True))
+    rhs_dims = dict(zip(m.group(2), rhs, strict=True))
+    out_dims = dict(zip(m.group(3), out[0][1], strict=False))
+    window = _window(inst.attrs)
+    taps = 1
+    for d in sorted(k for k in rhs_dims if k.isdigit()):
+        taps *= _valid_taps(lhs_dims[d], rhs_dims[d], out_dims[d], *(attr[int(d)] for attr in window))
+    # XLA writes some dots as convolutions whose "window" slides over zero padding (a head axis of 20 becomes a
+    # window of 20 over 19 + 1 + 19 padded positions): only taps that land on the input do work.
+    return 2.0 * out_dims.get("b", 1) * out_dims.get("f", 1) * rhs_dims["i"] * taps
+
+
+def _window(attrs: str) -> tuple[list, list, list, list]:
+    """Per spatial dim: (low padding, stride, lhs dilation, rhs dilation) from `window={size=.. pad=.. ...}`."""
+    m = re.search(r"window=\{([^}]*)\}", attrs)
+    fields = dict(f.split("=", 1) for f in m.group(1).split()) if m else {}
+    n = len(fields.get("size", "").split("x")) if "size" in fields else 0
+
+    def ints(key: str, default: int) -> list[int]:
+        return [int(v) for v in fields[key].split("x")] if key in fields else [default] * n
+
+    pad_low = [int(p.split("_")[0]) for p in fields["pad"].split("x")] if "pad" in fields else [0] * n
+    return pad_low, ints("stride", 1), ints("lhs_dilate", 1), ints("rhs_dilate", 1)
+
+
+def _valid_taps(size: int, window: int, out: int, pad_low: int, stride: int, lhs_dilate: int, rhs_dilate: int) -> int:
+    """Number of (output position, window position) pairs of one spatial dim that read a real input element."""
+    extent = (size - 1) * lhs_dilate + 1
+    total = 0
+    for w in range(window):
+        offset = w * rhs_dilate - pad_low  # input position = o * stride + offset
+        lo = max(0, math.ceil(-offset / stride))
+        hi = min(out, math.ceil((extent - offset) / stride))
+        if hi > lo:
+            total += hi - lo if lhs_dilate == 1 else sum((o * stride + offset) % lhs_dilate == 0 for o in range(lo, hi))
+    return total
+
+
+class Module:
+    """A parsed HLO module with per-computation run counts."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self.computations = parse_module(text)
+        entries = [c for c in self.computations.values() if c.entry]
+        if len(entries) != 1:
+            raise ValueError(f"expected one ENTRY computation in the HLO text, found {len(entries)}")
+        self.entry = entries[0]
+        self.constants = self._constants(text)
+        self.unknown_trip_counts: list[str] = []
+        self.trip_counts: dict[str, int] = {}
+        self.fused: set[str] = set()  # computations inlined into a fusion (their traffic is the fusion's)
+        self.callers: dict[str, list[tuple[str, int]]] = {}
+        for comp in self.computations.values():
+            for inst in comp.instructions:
+                for callee, factor, fused in self._callees(comp, inst):
+                    self.callers.setdefault(callee, []).append((comp.name, factor))
+                    if fused:
+                        self.fused.add(callee)
+
+    @staticmethod
+    def _constants(text: str) -> dict[str, int]:
+        """Scalar integer constants by instruction name (`%c = s32[] constant(27)`)."""
+        out = {}
+        for m in re.finditer(r"%([^\s=]+)\s*=\s*[su](?:8|16|32|64)\[\]\S*\s+constant\((-?\d+)\)", text):
+            out[m.group(1)] = int(m.group(2))
+        return out
+
+    def _trip_count(self, comp: Computation, loop: Instruction) -> int | None:
+        m = re.search(r'"known_trip_count":\{"n":"(\d+)"', loop.attrs)
+        if m:
+            return int(m.group(1))
+        cond = self.computations.get((loop.called("condition") or [""])[0])
+        if cond is None or not cond.instructions:
+            return None
+        root = next((i for i in cond.instructions if i.opcode == "compare"), None)
+        if root is None or len(root.operands) != 2:
+            return None
+        direction = re.search(r"direction=(\w+)", root.attrs)
+        a, b = (cond.by_name.get(o) for o in root.operands)
+        if a is None or b is None:
+            return None
+        if a.opcode == "constant" and b.opcode == "get-tuple-element":
+            a, b = b, a
+            flip = {"LT": "GT", "GT": "LT", "LE": "GE", "GE": "LE"}
+            op = flip.get(direction.group(1), direction.group(1)) if direction else None
+        else:
+            op = direction.group(1) if direction else None
+        limit = self.constants.get(b.name)
+        if a.opcode != "get-tuple-element" or limit is None or op not in ("LT", "LE"):
+            return None
+        index = int(re.search(r"index=(\d+)", a.attrs).group(1))
+        init = 0
+        state = comp.by_name.get(loop.operands[0]) if loop.operands else None
+        if state is not None and state.opcode == "tuple" and index < len(state.operands):
+            init = self.constants.get(state.operands[index], 0)
+        return max(0, limit - init + (op == "LE"))
+
+    def _callees(self, comp: Computation, inst: Instruction):
+        """(callee, runs per run of inst, fused?) for every computation `inst` calls."""
+        if inst.opcode == "while":
+            trips = self._trip_count(comp, inst)
+            if trips is None:
+                self.unknown_trip_counts.append(inst.name)
+                trips = 1
+            body = inst.called("body")
+            for b in body:
+                self.trip_counts[b] = trips
+                yield b, trips, False
+            for c in inst.called("condition"):
+                yield c, trips + 1, False
+        elif inst.opcode == "fusion":
+            for c in inst.called("calls"):
+                yield c, 1, True
+        elif inst.opcode in ("call", "async-start", "custom-call"):
+            for c in inst.called("calls") + inst.called("to_apply"):
+                yield c, 1, False
+        elif inst.opcode == "conditional":
+            # Every branch is counted as if taken: an upper bound (the train step has no conditionals on its path).
+            for key in ("branch_computations", "true_computation", "false_computation"):
+                for c in inst.called(key):
+                    yield c, 1, False
+        # reduce/scatter/sort/all-reduce `to_apply` are scalar combiners: no matmuls, no traffic of their own.
+
+    @functools.cache  # noqa: B019 - one Module per compiled program
+    def runs(self, name: str) -> int:
+        """How many times one execution of the module runs computation `name`."""
+        if name == self.entry.name:
+            return 1
+        return sum(self.runs(caller) * factor for caller, factor in self.callers.get(name, []))
+
+    def _fused_flops(self, name: str) -> float:
+        comp = self.computations.get(name)
+        if comp is None:
+            return 0.0
+        total = 0.0
+        for inst in comp.instructions:
+            total += instruction_flops(inst, comp)
+            if inst.opcode == "fusion":
+                total += sum(self._fused_flops(c) for c in inst.called("calls"))
+        return total
+
+    def top_level(self):
+        """(computation, instruction, runs) for each instruction outside fusions and scalar combiners."""
+        for comp in self.computations.values():
+            if comp.name in self.fused or (comp.name not in self.callers and not comp.entry):
+                continue
+            n = self.runs(comp.name)
+            if n == 0:
+                continue
+            for inst in comp.instructions:
+                yield comp, inst, n
+
+    def op_costs(self):
+        """(flops, HBM bytes, runs, instruction) of each top-level instruction."""
+        for comp, inst, n in self.top_level():
+            if inst.opcode == "fusion":
+                flops = sum(self._fused_flops(c) for c in inst.called("calls"))
+            else:
+                flops = instruction_flops(inst, comp)
+            traffic = 0
+            if inst.opcode not in _NO_TRAFFIC and not _COLLECTIVE_OP.match(inst.opcode.removesuffix("-done")):
+                m = _COST_FLOPS.search(inst.attrs) if inst.opcode == "custom-call" else None
+                if m and m.group(2):
+                    traffic = int(m.group(2))
+                else:
+                    operands = sum(type_bytes(comp.by_name[o].type_text) for o in inst.operands if o in comp.by_name)
+                    traffic = operands + type_bytes(inst.type_text)
+            yield flops, traffic, n, inst
+
+    def flops(self, weighted: bool = True) -> float:
+        return sum(f * (n if weighted else 1) for f, _, n, _ in self.op_costs())
+
+    def flops_by_kernel(self) -> dict[str, float]:
+        """Weighted FLOPs split into XLA's own matmuls ("xla") and each Pallas kernel (by its pallas_call name)."""
+        out: dict[str, float] = {"xla": 0.0}
+        for flops, _, n, inst in self.op_costs():
+            if not flops:
+                continue
+            key = re.sub(r"\.\d+$", "", inst.name) if inst.opcode == "custom-call" else "xla"
+            out[key] = out.get(key, 0.0) + flops * n
+        return out
+
+    def collectives(self, weighted: bool = True) -> dict[str, dict[str, int]]:
+        """Per collective kind: instructions run per step and their result bytes per chip."""
+        out = {name: {"count": 0, "bytes": 0} for name in COLLECTIVES}
+        for comp, inst, n in self.top_level():
+            m = _COLLECTIVE_OP.match(inst.opcode)
+            if not m:
+                continue
+            k = n if weighted else 1
+            # An async `-start` returns (operands..., result): the result is its last array.
+            size = type_bytes(_last_array(inst.type_text))
+            if m.group(1) == "ragged-all-to-all" and inst.operands and inst.operands[0] in comp.by_name:
+                # Its output buffer is sized for the worst case (every row landing on one device); the rows that
+                # move are at most the smaller of the send and receive buffers, and about that when balanced.
+                size = min(size, type_bytes(comp.by_name[inst.operands[0]].type_text))
+            out[m.group(1)]["count"] += k
+            out[m.group(1)]["bytes"] += k * size
+        return out
+
+
+def roofline_seconds(module: Module, peak_flops: float, hbm_bytes_per_s: float, ici_bytes_per_s: float) -> dict:
+    """Step-time estimate per chip: each top-level instruction takes max(FLOPs / peak, bytes / HBM bandwidth)
+    (XLA's own per-op model), collectives take result bytes / ICI bandwidth. `overlapped` assumes communication
+    hides behind compute, `serial` that it does not."""
+    compute = 0.0
+    for flops, traffic, n, _ in module.op_costs():
+        compute += n * max(flops / peak_flops, traffic / hbm_bytes_per_s)
+    comm = sum(c["bytes"] for c in module.collectives().values()) / ici_bytes_per_s
+    return {"compute_s": compute, "collective_s": comm, "overlapped_s": max(compute, comm), "serial_s": compute + comm}
