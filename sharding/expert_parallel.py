@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
+from sharding.permute import inverse_permutation, permute_rows, repeat_rows
 from sharding.rules import DEFAULT_RULES, ShardingError, _as_tuple, logical_to_spec
 
 ExpertFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
@@ -48,10 +49,12 @@ def _local_expert_sort(local_ids: jax.Array, num_local: int) -> tuple[jax.Array,
 def _run_experts(rows: jax.Array, local_ids: jax.Array, num_local: int, weights, expert_fn: ExpertFn) -> jax.Array:
     """Expert SwiGLU for rows tagged with local expert ids; rows of other devices' experts give zeros."""
     order, group_sizes = _local_expert_sort(local_ids, num_local)
-    ys = expert_fn(rows[order], group_sizes, *weights)  # [M, D]
+    inverse = inverse_permutation(order)  # [M]
+    # Sort and un-sort are both permute_rows: gathers forward and backward, no [M, D] scatters.
+    ys = expert_fn(permute_rows(rows, order, inverse), group_sizes, *weights)  # [M, D]
     valid = jnp.arange(rows.shape[0]) < group_sizes.sum()
-    ys = jnp.where(valid[:, None], ys, 0)
-    return jnp.zeros_like(ys).at[order].set(ys)
+    ys = jnp.where(valid[:, None], ys, 0)  # rows past the local groups are not computed by expert_fn
+    return permute_rows(ys, inverse, order)  # [M, D]
 
 
 def _allgather_body(x, experts, weights, w_gate, w_up, w_down, *, expert_fn, ep_axes, gather_tokens, d_axes, f_axes):
@@ -70,7 +73,7 @@ def _allgather_body(x, experts, weights, w_gate, w_up, w_down, *, expert_fn, ep_
     local = experts - first  # [n, k]
     is_local = (local >= 0) & (local < e_loc)
     local_ids = jnp.where(is_local, local, e_loc).reshape(-1)  # [n * k]
-    rows = x[jnp.arange(n * k) // k]  # [n * k, D] each assignment's token
+    rows = repeat_rows(x, k)  # [n * k, D] each assignment's token
     ys = _run_experts(rows, local_ids, e_loc, (w_gate, w_up, w_down), expert_fn).reshape(n, k, -1)
     y = jnp.einsum("NKD,NK->ND", ys.astype(jnp.float32), jnp.where(is_local, weights, 0.0))
     if f_axes:  # tensor-parallel down projection: partial sums over the F shards
@@ -96,7 +99,9 @@ def _ragged_body(x, experts, weights, w_gate, w_up, w_down, *, expert_fn, ep_axe
     me = jax.lax.axis_index(ep_axes)
     flat = experts.reshape(-1)
     order = jnp.argsort(flat, stable=True)  # by global expert, hence grouped by destination device
-    send_rows = x[order // k]  # [n * k, D]
+    inverse = inverse_permutation(order)  # [n * k]
+    # x[order // k] as a permutation of the repeated rows, so its gradient is a gather, not a scatter-add.
+    send_rows = permute_rows(repeat_rows(x, k), order, inverse)  # [n * k, D]
     counts = jnp.bincount(flat, length=ep * e_loc).astype(jnp.int32)  # [E] assignments per expert, this device
     all_counts = jax.lax.all_gather(counts, ep_axes, axis=0, tiled=False)  # [EP_src, E]
     traffic = all_counts.reshape(ep, ep, e_loc).sum(-1)  # [src, dst] rows sent
@@ -131,7 +136,7 @@ def _ragged_body(x, experts, weights, w_gate, w_up, w_down, *, expert_fn, ep_axe
         send_sizes,
         axis_name=ep_axes,
     )
-    ys = jnp.zeros_like(returned).at[order].set(returned).reshape(n, k, d)
+    ys = permute_rows(returned, inverse, order).reshape(n, k, d)  # back to assignment order
     return jnp.einsum("NKD,NK->ND", ys.astype(jnp.float32), weights)
 
 
