@@ -154,6 +154,7 @@ class ErnieForCausalLM(nnx.Module):
         segment_ids: jax.Array | None = None,
         *,
         return_aux: bool = False,
+        return_hidden: bool = False,
     ) -> jax.Array | tuple[jax.Array, dict[str, Any]]:
         """Args:
         input_ids: [B, T] int tokens.
@@ -161,6 +162,8 @@ class ErnieForCausalLM(nnx.Module):
         positions: [B, T] RoPE positions; default 0..T-1 in every row (as transformers does).
         segment_ids: [B, T] document ids of packed rows (0 = padding); tokens attend within their document.
         return_aux: also return {"router_stats": per group, per pattern position, RouterStats stacked [R]}.
+        return_hidden: return the final-normed hidden states [B, T, D] in place of the logits, so a caller (the
+            chunked training loss) can apply `logits_from_hidden` a slice at a time.
         """
         b, t = input_ids.shape
         if positions is None:
@@ -178,15 +181,20 @@ class ErnieForCausalLM(nnx.Module):
         for group in self.groups:
             h, stats = group(h, positions, segment_ids, token_mask)
             router_stats.append(stats)
-        h = self.final_norm(h).astype(self.dtype)
+        h = self.final_norm(h).astype(self.dtype)  # [B, T, D]
+        out = h if return_hidden else self.logits_from_hidden(h)
+        if return_aux:
+            return out, {"router_stats": router_stats}
+        return out
+
+    def logits_from_hidden(self, h: jax.Array) -> jax.Array:
+        """The LM head: final-normed hidden states [B, T, D] (any T, e.g. one loss chunk) -> logits [B, T, V]."""
         if self.lm_head is None:
             logits = jnp.einsum("BTD,VD->BTV", h, self.embed[...].astype(self.dtype))
         else:
             logits = jnp.einsum("BTD,DV->BTV", h, self.lm_head[...].astype(self.dtype))
         if self.lm_head_bias is not None:
             logits = logits + self.lm_head_bias[...].astype(self.dtype)
-        if return_aux:
-            return logits, {"router_stats": router_stats}
         return logits
 
 

@@ -113,6 +113,9 @@ class TrainConfig:
     run_dir: str = "runs/tiny"  # checkpoints, metrics.jsonl and TensorBoard events go here
     dtype: str = "float32"  # compute dtype: float32 or bfloat16 (master weights and optimizer state stay fp32)
     remat: str = "none"  # rematerialisation policy: none, full, dots, dots_all
+    # LM head + cross-entropy over this many tokens of each sequence at a time, so the [B, T, V] fp32 logits are
+    # never live whole (0 = the whole sequence at once). Must divide data.seq_len.
+    loss_chunk: int = 0
     attention_impl: str = "auto"
     gmm_impl: str = "auto"
     log_every: int = 10
@@ -129,6 +132,12 @@ class TrainConfig:
         _require(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
         _require(self.dtype in ("float32", "bfloat16"), "dtype", f"must be float32 or bfloat16, got {self.dtype!r}")
         _require(self.remat in REMAT_POLICIES, "remat", f"must be one of {sorted(REMAT_POLICIES)}")
+        _require(self.loss_chunk >= 0, "loss_chunk", f"must be >= 0 (0 = no chunking), got {self.loss_chunk}")
+        _require(
+            self.loss_chunk == 0 or self.data.seq_len % self.loss_chunk == 0,
+            "loss_chunk",
+            f"{self.loss_chunk} must divide data.seq_len={self.data.seq_len}",
+        )
         _require(self.nonfinite in ("skip", "stop"), "nonfinite", f"must be 'skip' or 'stop', got {self.nonfinite!r}")
         _require(self.log_every >= 1, "log_every", "must be >= 1")
         _require(
