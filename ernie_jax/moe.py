@@ -24,6 +24,7 @@ import pallas_kernels
 import sharding
 from ernie_jax.config import ErnieConfig
 from ernie_jax.layers import MLP, make_param, normal_init, zeros_init
+from sharding.permute import inverse_permutation, permute_rows, repeat_rows
 
 
 class CorrectionBias(nnx.Variable):
@@ -89,11 +90,17 @@ def expert_swiglu(
     w_down: jax.Array,
     *,
     gmm_impl: str = "auto",
+    expected_rows: int | None = None,
 ) -> jax.Array:
-    """SwiGLU of rows sorted by expert: xs [M, D], w_gate/w_up [E, D, F], w_down [E, F, D] -> [M, D]."""
-    gate = pallas_kernels.gmm(xs, w_gate, group_sizes, implementation=gmm_impl)  # [M, F]
-    up = pallas_kernels.gmm(xs, w_up, group_sizes, implementation=gmm_impl)
-    return pallas_kernels.gmm(jax.nn.silu(gate) * up, w_down, group_sizes, implementation=gmm_impl)
+    """SwiGLU of rows sorted by expert: xs [M, D], w_gate/w_up [E, D, F], w_down [E, F, D] -> [M, D].
+
+    expected_rows: how many of the M rows the local experts get under balanced routing (an expert-parallel buffer
+    is sized for the worst case); only the kernels' cost estimates use it.
+    """
+    gmm = functools.partial(pallas_kernels.gmm, implementation=gmm_impl, cost_rows=expected_rows)
+    gate = gmm(xs, w_gate, group_sizes)  # [M, F]
+    up = gmm(xs, w_up, group_sizes)
+    return gmm(jax.nn.silu(gate) * up, w_down, group_sizes)
 
 
 def dropless_moe(
@@ -112,9 +119,11 @@ def dropless_moe(
     n, d = x.shape
     k = routing.experts.shape[-1]
     order, group_sizes = sort_by_expert(routing.experts, w_gate.shape[0])
-    xs = x[order // k]  # [N*k, D], rows grouped by expert
+    inverse = inverse_permutation(order)
+    # Permutations of the k-repeated rows: gathers forward and backward, no [N*k, D] scatters.
+    xs = permute_rows(repeat_rows(x, k), order, inverse)  # [N*k, D], rows grouped by expert
     ys = expert_swiglu(xs, group_sizes, w_gate, w_up, w_down, gmm_impl=gmm_impl)  # [N*k, D]
-    unsorted = jnp.zeros_like(ys).at[order].set(ys).reshape(n, k, d)  # [N, k, D]
+    unsorted = permute_rows(ys, inverse, order).reshape(n, k, d)  # [N, k, D]
     out = jnp.einsum("NKD,NK->ND", unsorted.astype(jnp.float32), routing.weights)
     return out.astype(x.dtype)
 

@@ -11,8 +11,9 @@ tokens to their experts; both are dropless:
   the results the same way. Communication proportional to real traffic. XLA:CPU does not implement it (TPU v4+
   and GPU only).
 
-`expert_fn(xs, group_sizes, w_gate, w_up, w_down)` computes SwiGLU for rows sorted by local expert; rows past
-sum(group_sizes) are ignored.
+`expert_fn(xs, group_sizes, w_gate, w_up, w_down, *, expected_rows)` computes SwiGLU for rows sorted by local
+expert; rows past sum(group_sizes) are ignored. `expected_rows` is the balanced-routing share of the (worst-case
+sized) buffer, for the kernels' cost estimates only.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from jax.sharding import Mesh, PartitionSpec
 from sharding.permute import inverse_permutation, permute_rows, repeat_rows
 from sharding.rules import DEFAULT_RULES, ShardingError, _as_tuple, logical_to_spec
 
-ExpertFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+ExpertFn = Callable[..., jax.Array]  # (xs, group_sizes, w_gate, w_up, w_down, *, expected_rows) -> ys
 
 WEIGHT_AXES = {
     "w_gate": ("experts", "embed", "expert_mlp"),
@@ -46,12 +47,15 @@ def _local_expert_sort(local_ids: jax.Array, num_local: int) -> tuple[jax.Array,
     return order, group_sizes
 
 
-def _run_experts(rows: jax.Array, local_ids: jax.Array, num_local: int, weights, expert_fn: ExpertFn) -> jax.Array:
-    """Expert SwiGLU for rows tagged with local expert ids; rows of other devices' experts give zeros."""
+def _run_experts(
+    rows: jax.Array, local_ids: jax.Array, num_local: int, weights, expert_fn: ExpertFn, expected_rows: int
+) -> jax.Array:
+    """Expert SwiGLU for rows tagged with local expert ids; rows of other devices' experts give zeros.
+    expected_rows: how many rows the local experts get under balanced routing (for the kernels' cost estimates)."""
     order, group_sizes = _local_expert_sort(local_ids, num_local)
     inverse = inverse_permutation(order)  # [M]
     # Sort and un-sort are both permute_rows: gathers forward and backward, no [M, D] scatters.
-    ys = expert_fn(permute_rows(rows, order, inverse), group_sizes, *weights)  # [M, D]
+    ys = expert_fn(permute_rows(rows, order, inverse), group_sizes, *weights, expected_rows=expected_rows)  # [M, D]
     valid = jnp.arange(rows.shape[0]) < group_sizes.sum()
     ys = jnp.where(valid[:, None], ys, 0)  # rows past the local groups are not computed by expert_fn
     return permute_rows(ys, inverse, order)  # [M, D]
@@ -74,7 +78,8 @@ def _allgather_body(x, experts, weights, w_gate, w_up, w_down, *, expert_fn, ep_
     is_local = (local >= 0) & (local < e_loc)
     local_ids = jnp.where(is_local, local, e_loc).reshape(-1)  # [n * k]
     rows = repeat_rows(x, k)  # [n * k, D] each assignment's token
-    ys = _run_experts(rows, local_ids, e_loc, (w_gate, w_up, w_down), expert_fn).reshape(n, k, -1)
+    ep = jax.lax.axis_size(ep_axes) if ep_axes else 1
+    ys = _run_experts(rows, local_ids, e_loc, (w_gate, w_up, w_down), expert_fn, n * k // ep).reshape(n, k, -1)
     y = jnp.einsum("NKD,NK->ND", ys.astype(jnp.float32), jnp.where(is_local, weights, 0.0))
     if f_axes:  # tensor-parallel down projection: partial sums over the F shards
         y = jax.lax.psum(y, f_axes)
@@ -85,6 +90,13 @@ def _allgather_body(x, experts, weights, w_gate, w_up, w_down, *, expert_fn, ep_
             else jax.lax.psum(y, ep_axes)
         )
     return y
+
+
+def _varying_zeros(like: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Zeros that vary over the same mesh axes as `like`. A plain `jnp.zeros` output buffer is device-invariant, so
+    shard_map pvary's it into ragged_all_to_all, and the transpose of that pvary is a psum of the whole buffer's
+    cotangent: an all-reduce of the worst-case [N * k * EP, D] buffer per layer in the backward pass."""
+    return jnp.zeros_like(like, shape=shape)
 
 
 def _ragged_body(x, experts, weights, w_gate, w_up, w_down, *, expert_fn, ep_axes, d_axes, f_axes):
@@ -112,7 +124,7 @@ def _ragged_body(x, experts, weights, w_gate, w_up, w_down, *, expert_fn, ep_axe
     capacity = n * k * ep  # worst case: every assignment of the EP group lands here (dropless)
     received = jax.lax.ragged_all_to_all(
         send_rows,
-        jnp.zeros((capacity, d), x.dtype),
+        _varying_zeros(send_rows, (capacity, d)),
         input_offsets,
         send_sizes,
         output_offsets,
@@ -123,13 +135,13 @@ def _ragged_body(x, experts, weights, w_gate, w_up, w_down, *, expert_fn, ep_axe
     seg_sizes = jax.lax.dynamic_slice_in_dim(all_counts, me * e_loc, e_loc, axis=1).reshape(-1)  # [src * E_loc]
     seg = jnp.searchsorted(jnp.cumsum(seg_sizes), jnp.arange(capacity), side="right")
     local_ids = jnp.where(seg < ep * e_loc, seg % e_loc, e_loc)
-    ys = _run_experts(received, local_ids, e_loc, (w_gate, w_up, w_down), expert_fn)  # [capacity, D]
+    ys = _run_experts(received, local_ids, e_loc, (w_gate, w_up, w_down), expert_fn, n * k)  # [capacity, D]
     if f_axes:
         ys = jax.lax.psum(ys, f_axes)
     back_offsets = (jnp.cumsum(traffic, axis=1) - traffic)[:, me]  # where each source's rows started
     returned = jax.lax.ragged_all_to_all(
         ys.astype(x.dtype),
-        jnp.zeros((n * k, d), x.dtype),
+        _varying_zeros(send_rows, (n * k, d)),
         jnp.cumsum(recv_sizes) - recv_sizes,
         recv_sizes,
         back_offsets,
