@@ -44,6 +44,7 @@ class RouterStats(NamedTuple):
     tokens_per_expert: jax.Array  # [E] fp32 count of dispatched (biased top-k) assignments
     aux_loss: jax.Array  # [] load-balance loss E * sum_e f_e * P_e (= k when balanced)
     z_loss: jax.Array  # [] mean logsumexp(logits)^2
+    dropped: jax.Array  # [] assignments dropped by a bounded expert-parallel buffer (0 when dropless)
 
 
 def route(x: jax.Array, router_w: jax.Array, correction_bias: jax.Array, *, k: int, norm_min: float) -> Routing:
@@ -71,7 +72,7 @@ def router_stats(routing: Routing, *, k: int, token_mask: jax.Array | None = Non
     mean_prob = jnp.einsum("NE,N->E", routing.probs, mask) / denom
     aux = e * jnp.sum(jax.lax.stop_gradient(unbiased_counts / denom) * mean_prob)
     z = jnp.sum(jax.nn.logsumexp(routing.logits, axis=-1) ** 2 * mask) / denom
-    return RouterStats(tokens_per_expert, aux, z)
+    return RouterStats(tokens_per_expert, aux, z, jnp.zeros((), jnp.float32))
 
 
 def sort_by_expert(experts: jax.Array, num_experts: int) -> tuple[jax.Array, jax.Array]:
@@ -188,7 +189,7 @@ class MoEBlock(nnx.Module):
         ctx = sharding.active()
         if ctx is not None and ctx.mesh.size > 1:
             expert_fn = functools.partial(expert_swiglu, gmm_impl=self.gmm_impl)
-            y = sharding.expert_parallel_moe(
+            y, dropped = sharding.expert_parallel_moe(
                 flat,
                 routing.experts,
                 routing.weights,
@@ -198,8 +199,11 @@ class MoEBlock(nnx.Module):
                 mesh=ctx.mesh,
                 rules=ctx.rules,
                 transport=ctx.moe_transport,
+                buffer_factor=ctx.moe_buffer_factor,
+                return_dropped=True,
                 expert_fn=expert_fn,
             )
+            stats = stats._replace(dropped=dropped)
         else:
             y = dropless_moe(flat, routing, w_gate, w_up, w_down, gmm_impl=self.gmm_impl)
         if self.shared is not None:

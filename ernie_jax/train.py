@@ -173,7 +173,9 @@ def train(cfg: TrainConfig, name: str = "custom", *, progress: bool = True) -> d
     window_start, window_steps = time.perf_counter(), 0
     skipped = 0
     try:
-        with sharding.use_mesh(mesh, moe_transport=cfg.mesh.moe_transport):
+        with sharding.use_mesh(
+            mesh, moe_transport=cfg.mesh.moe_transport, moe_buffer_factor=cfg.mesh.moe_buffer_factor
+        ):
             while step < cfg.steps:
                 batch = place_batch(next(data), batch_sh)
                 params, biases, opt_state, metrics = step_fn(params, biases, opt_state, batch, jnp.int32(step))
@@ -198,6 +200,13 @@ def train(cfg: TrainConfig, name: str = "custom", *, progress: bool = True) -> d
                                 "finite; lower optim.lr, or set nonfinite=skip to skip such updates"
                             )
                         log.warning("step %d: non-finite loss or gradient; update skipped", step)
+                    if scalars.get("moe_dropped", 0) > 0:
+                        log.warning(
+                            "step %d: the bounded expert-parallel buffer dropped %d expert assignments; raise "
+                            "mesh.moe_buffer_factor (or set it to 0 for dropless) if this persists",
+                            step,
+                            scalars["moe_dropped"],
+                        )
                     summary["first_loss"] = summary["first_loss"] or scalars["loss"]
                     summary["last_loss"] = scalars["loss"]
                     writer.write(step, scalars)

@@ -33,12 +33,26 @@ class MeshConfig:
     expert: int = 1
     tensor: int = 1
     moe_transport: str = "allgather"  # "allgather" (CPU/TPU/GPU) or "ragged_a2a" (TPU v4+/GPU)
+    # ragged_a2a receive buffer in units of a device's balanced share (N_local * k rows); 0 = the worst case
+    # (N_local * k * EP rows, dropless). Assignments past a bounded buffer are dropped and counted (metric
+    # moe_dropped); the buffer's memory and every op over it shrink by EP / factor.
+    moe_buffer_factor: float = 0.0
 
     def __post_init__(self):
         _require(
             self.moe_transport in ("allgather", "ragged_a2a"),
             "mesh.moe_transport",
             f"must be 'allgather' or 'ragged_a2a', got {self.moe_transport!r}",
+        )
+        _require(
+            self.moe_buffer_factor == 0 or self.moe_buffer_factor >= 1,
+            "mesh.moe_buffer_factor",
+            f"must be 0 (worst case, dropless) or >= 1 (balanced shares), got {self.moe_buffer_factor}",
+        )
+        _require(
+            self.moe_buffer_factor == 0 or self.moe_transport == "ragged_a2a",
+            "mesh.moe_buffer_factor",
+            "bounds the ragged_a2a receive buffer; set mesh.moe_transport=ragged_a2a or leave it 0",
         )
 
     @property

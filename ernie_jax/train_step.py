@@ -107,8 +107,14 @@ def make_train_step(graphdef: nnx.GraphDef, cfg: TrainConfig, optimizer: optax.G
         loss = ce_sum / num_tokens + (coef.aux_loss_coef * aux_loss + coef.z_loss_coef * z_loss) / accum
         loss = loss + coef.ortho_loss_coef * ortho / accum
         counts = [[None if s is None else s.tokens_per_expert for s in group] for group in aux["router_stats"]]
+        dropped = _sum_stats(aux["router_stats"], "dropped")
         return loss, dict(
-            ce_sum=ce_sum, aux_loss=aux_loss / accum, z_loss=z_loss / accum, ortho_loss=ortho / accum, counts=counts
+            ce_sum=ce_sum,
+            aux_loss=aux_loss / accum,
+            z_loss=z_loss / accum,
+            ortho_loss=ortho / accum,
+            counts=counts,
+            dropped=dropped,
         )
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -154,6 +160,7 @@ def make_train_step(graphdef: nnx.GraphDef, cfg: TrainConfig, optimizer: optax.G
             grad_norm=grad_norm,
             finite=finite,
             tokens=num_tokens,
+            moe_dropped=metrics_sum["dropped"],  # assignments a bounded EP buffer dropped (mesh.moe_buffer_factor)
             **load,
         )
         return new_params, new_biases, new_opt_state, metrics

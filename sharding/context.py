@@ -24,6 +24,7 @@ class ShardingContext:
     mesh: Mesh
     rules: tuple[tuple[str, MeshAxes], ...] = DEFAULT_RULES
     moe_transport: str = "allgather"  # expert-parallel token exchange, see sharding/expert_parallel.py
+    moe_buffer_factor: float = 0.0  # ragged_a2a receive buffer in balanced shares; 0 = worst case (dropless)
 
     def __post_init__(self):
         if self.moe_transport not in MOE_TRANSPORTS:
@@ -39,9 +40,11 @@ def active() -> ShardingContext | None:
 
 
 @contextlib.contextmanager
-def use_mesh(mesh: Mesh, rules=DEFAULT_RULES, moe_transport: str = "allgather") -> Iterator[ShardingContext]:
+def use_mesh(
+    mesh: Mesh, rules=DEFAULT_RULES, moe_transport: str = "allgather", moe_buffer_factor: float = 0.0
+) -> Iterator[ShardingContext]:
     """Make `mesh` the one model code shards over while tracing inside this block."""
-    ctx = ShardingContext(mesh, tuple(rules), moe_transport)
+    ctx = ShardingContext(mesh, tuple(rules), moe_transport, moe_buffer_factor)
     if not hasattr(_STATE, "stack"):
         _STATE.stack = []
     _STATE.stack.append(ctx)

@@ -2,14 +2,16 @@
 
 Routing happens outside (plain jnp under jit). Inside the shard_map each device holds E/EP experts, whose hidden
 dim D is FSDP-sharded and whose width F is tensor-sharded, and its own slice of the tokens. Two transports move
-tokens to their experts; both are dropless:
+tokens to their experts; both are dropless by default:
 
 - "allgather": all-gather the EP group's tokens, compute the local experts' share of every assignment, then
   `psum_scatter` the partial outputs back to their owners. Runs on CPU, TPU and GPU. Each device touches EP times
   its own tokens (the buffer is N_local * EP * k rows), traded for simple, always-available collectives.
 - "ragged_a2a": send each assignment only to the device owning its expert with `ragged_all_to_all`, and return
   the results the same way. Communication proportional to real traffic. XLA:CPU does not implement it (TPU v4+
-  and GPU only).
+  and GPU only). Its receive buffer must be static: by default it is the worst case (EP balanced shares, every
+  op over it EP times the real rows); `buffer_factor` bounds it, and assignments that overflow are dropped and
+  counted.
 
 `expert_fn(xs, group_sizes, w_gate, w_up, w_down, *, expected_rows)` computes SwiGLU for rows sorted by local
 expert; rows past sum(group_sizes) are ignored. `expected_rows` is the balanced-routing share of the (worst-case
@@ -18,6 +20,7 @@ sized) buffer, for the kernels' cost estimates only.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import jax
@@ -89,7 +92,7 @@ def _allgather_body(x, experts, weights, w_gate, w_up, w_down, *, expert_fn, ep_
             if gather_tokens
             else jax.lax.psum(y, ep_axes)
         )
-    return y
+    return y, jnp.zeros((1,), jnp.float32)  # dropless: nothing dropped
 
 
 def _varying_zeros(like: jax.Array, shape: tuple[int, ...]) -> jax.Array:
@@ -99,7 +102,33 @@ def _varying_zeros(like: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return jnp.zeros_like(like, shape=shape)
 
 
-def _ragged_body(x, experts, weights, w_gate, w_up, w_down, *, expert_fn, ep_axes, d_axes, f_axes):
+def buffer_rows(n: int, k: int, ep: int, buffer_factor: float) -> int:
+    """Rows of a device's ragged_a2a receive buffer: the worst case n * k * ep (every assignment of the EP group
+    lands here) when buffer_factor is 0, else buffer_factor balanced shares (n * k each), rounded up to 8 rows."""
+    worst = n * k * ep
+    if not buffer_factor:
+        return worst
+    return min(worst, -(-math.ceil(n * k * buffer_factor) // 8) * 8)
+
+
+def bounded_traffic(traffic: jax.Array, capacity: int) -> jax.Array:
+    """Rows each source may send each destination when every destination takes at most `capacity` rows.
+
+    traffic [src, dst] rows wanted. Sources fill a destination's buffer in source order, so a source keeps the
+    first rows of its block (the lowest expert ids) and only the source at the boundary is cut; the kept blocks
+    stay contiguous at the same offsets. Equals traffic when nothing overflows."""
+    start = jnp.cumsum(traffic, axis=0) - traffic  # [src, dst] where each block would begin
+    return jnp.clip(capacity - start, 0, traffic)
+
+
+def _kept_segments(counts: jax.Array, kept: jax.Array) -> jax.Array:
+    """counts [src, E_loc] rows per (source, local expert), sorted by expert within a source; kept [src] rows of
+    each source that fit. Returns the kept rows per (source, local expert): a prefix of each source's block."""
+    ends = jnp.minimum(jnp.cumsum(counts, axis=1), kept[:, None])
+    return jnp.diff(ends, axis=1, prepend=jnp.zeros_like(ends[:, :1]))
+
+
+def _ragged_body(x, experts, weights, w_gate, w_up, w_down, *, expert_fn, ep_axes, d_axes, f_axes, buffer_factor):
     if d_axes:
         w_gate = jax.lax.all_gather(w_gate, d_axes, axis=1, tiled=True)
         w_up = jax.lax.all_gather(w_up, d_axes, axis=1, tiled=True)
@@ -116,12 +145,14 @@ def _ragged_body(x, experts, weights, w_gate, w_up, w_down, *, expert_fn, ep_axe
     send_rows = permute_rows(repeat_rows(x, k), order, inverse)  # [n * k, D]
     counts = jnp.bincount(flat, length=ep * e_loc).astype(jnp.int32)  # [E] assignments per expert, this device
     all_counts = jax.lax.all_gather(counts, ep_axes, axis=0, tiled=False)  # [EP_src, E]
-    traffic = all_counts.reshape(ep, ep, e_loc).sum(-1)  # [src, dst] rows sent
+    wanted = all_counts.reshape(ep, ep, e_loc).sum(-1)  # [src, dst] rows to send
+    capacity = buffer_rows(n, k, ep, buffer_factor)
+    traffic = bounded_traffic(wanted, capacity)  # [src, dst] rows sent: all of them unless a buffer overflows
+    dropped = (wanted[me].sum() - traffic[me].sum()).astype(jnp.float32)  # my assignments that found no room
     send_sizes = traffic[me]
-    input_offsets = jnp.cumsum(send_sizes) - send_sizes
+    input_offsets = jnp.cumsum(wanted[me]) - wanted[me]  # my rows stay grouped by destination; a cut keeps a prefix
     output_offsets = (jnp.cumsum(traffic, axis=0) - traffic)[me]  # where my rows land in each receiver's buffer
     recv_sizes = traffic[:, me]
-    capacity = n * k * ep  # worst case: every assignment of the EP group lands here (dropless)
     received = jax.lax.ragged_all_to_all(
         send_rows,
         _varying_zeros(send_rows, (capacity, d)),
@@ -132,13 +163,14 @@ def _ragged_body(x, experts, weights, w_gate, w_up, w_down, *, expert_fn, ep_axe
         axis_name=ep_axes,
     )
     # Received rows come grouped by source, each source's rows sorted by (local) expert.
-    seg_sizes = jax.lax.dynamic_slice_in_dim(all_counts, me * e_loc, e_loc, axis=1).reshape(-1)  # [src * E_loc]
+    mine = jax.lax.dynamic_slice_in_dim(all_counts, me * e_loc, e_loc, axis=1)  # [src, E_loc]
+    seg_sizes = _kept_segments(mine, recv_sizes).reshape(-1)  # [src * E_loc]
     seg = jnp.searchsorted(jnp.cumsum(seg_sizes), jnp.arange(capacity), side="right")
     local_ids = jnp.where(seg < ep * e_loc, seg % e_loc, e_loc)
     ys = _run_experts(received, local_ids, e_loc, (w_gate, w_up, w_down), expert_fn, n * k)  # [capacity, D]
     if f_axes:
         ys = jax.lax.psum(ys, f_axes)
-    back_offsets = (jnp.cumsum(traffic, axis=1) - traffic)[:, me]  # where each source's rows started
+    back_offsets = (jnp.cumsum(wanted, axis=1) - wanted)[:, me]  # where each source's rows started
     returned = jax.lax.ragged_all_to_all(
         ys.astype(x.dtype),
         _varying_zeros(send_rows, (n * k, d)),
@@ -148,8 +180,8 @@ def _ragged_body(x, experts, weights, w_gate, w_up, w_down, *, expert_fn, ep_axe
         send_sizes,
         axis_name=ep_axes,
     )
-    ys = permute_rows(returned, inverse, order).reshape(n, k, d)  # back to assignment order
-    return jnp.einsum("NKD,NK->ND", ys.astype(jnp.float32), weights)
+    ys = permute_rows(returned, inverse, order).reshape(n, k, d)  # back to assignment order; dropped rows are 0
+    return jnp.einsum("NKD,NK->ND", ys.astype(jnp.float32), weights), dropped[None]
 
 
 def expert_parallel_moe(
@@ -164,10 +196,16 @@ def expert_parallel_moe(
     expert_fn: ExpertFn,
     rules=DEFAULT_RULES,
     transport: str = "allgather",
+    buffer_factor: float = 0.0,
+    return_dropped: bool = False,
     check_vma: bool = True,
-) -> jax.Array:
-    """Dropless MoE over `mesh`. x [N, D] tokens; experts, weights [N, k] from routing; expert weights as stored
-    (w_gate/w_up [E, D, F], w_down [E, F, D]) with their parameter shardings. Returns [N, D] in x's dtype."""
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """MoE over `mesh`. x [N, D] tokens; experts, weights [N, k] from routing; expert weights as stored
+    (w_gate/w_up [E, D, F], w_down [E, F, D]) with their parameter shardings. Returns [N, D] in x's dtype, and
+    with return_dropped the number of assignments dropped (a [] fp32).
+
+    Dropless unless transport="ragged_a2a" with buffer_factor > 0, which bounds each device's receive buffer to
+    that many balanced shares (see `buffer_rows`); assignments that do not fit contribute zero and are counted."""
     num_experts = w_gate.shape[0]
     token_spec = logical_to_spec(("batch", None), mesh, rules)
     tok_axes = _axes(token_spec[0])
@@ -203,19 +241,24 @@ def expert_parallel_moe(
             )
         if not gather_tokens:
             raise ShardingError("moe transport 'ragged_a2a' needs tokens sharded over the expert axes as well")
-        body = lambda *a: _ragged_body(*a, expert_fn=expert_fn, ep_axes=ep_axes, d_axes=d_axes, f_axes=f_axes)
+        body = lambda *a: _ragged_body(
+            *a, expert_fn=expert_fn, ep_axes=ep_axes, d_axes=d_axes, f_axes=f_axes, buffer_factor=buffer_factor
+        )
     elif transport == "allgather":
+        if buffer_factor:
+            raise ValueError("moe buffer_factor bounds the ragged_a2a receive buffer; the allgather transport has none")
         body = lambda *a: _allgather_body(
             *a, expert_fn=expert_fn, ep_axes=ep_axes, gather_tokens=gather_tokens, d_axes=d_axes, f_axes=f_axes
         )
     else:
         raise ValueError(f"moe transport must be 'allgather' or 'ragged_a2a', got {transport!r}")
     row_spec = PartitionSpec(token_spec[0], None)
-    out = jax.shard_map(
+    out, dropped = jax.shard_map(
         body,
         mesh=mesh,
         in_specs=(row_spec, row_spec, row_spec, w_specs["w_gate"], w_specs["w_up"], w_specs["w_down"]),
-        out_specs=row_spec,
+        out_specs=(row_spec, PartitionSpec(token_spec[0])),  # dropped: one count per token shard
         check_vma=check_vma,
     )(x, experts, weights.astype(jnp.float32), w_gate, w_up, w_down)
-    return out.astype(x.dtype)
+    out = out.astype(x.dtype)
+    return (out, jnp.sum(dropped)) if return_dropped else out

@@ -25,8 +25,10 @@ def tpu_devices(topology: str):
         pytest.skip(f"TPU AOT compile needs libtpu (pip install -e '.[tpu]'): {e}")
 
 
-@pytest.mark.parametrize("transport", ["ragged_a2a", "allgather"])
+@pytest.mark.parametrize("transport", ["ragged_a2a", "allgather", "ragged_a2a_bounded"])
 def test_sharding_moe_layer_compiles_for_v5p(transport):
+    # "ragged_a2a_bounded": receive buffers of 2 balanced shares instead of the worst case (expert = 4 shares).
+    transport, buffer_factor = ("ragged_a2a", 2.0) if transport == "ragged_a2a_bounded" else (transport, 0.0)
     devices = tpu_devices("v5p:2x2x2")
     mesh = sharding.make_mesh(data=1, fsdp=2, expert=4, devices=devices)
     # a3b expert shapes: 64 experts, hidden 2560, expert width 1536, k=6; 4096 tokens.
@@ -46,8 +48,9 @@ def test_sharding_moe_layer_compiles_for_v5p(transport):
 
     def layer(x, experts, weights, w_gate, w_up, w_down):
         return sharding.expert_parallel_moe(
-            x, experts, weights, w_gate, w_up, w_down, mesh=mesh, expert_fn=expert_swiglu, transport=transport
-        )
+            x, experts, weights, w_gate, w_up, w_down, mesh=mesh, expert_fn=expert_swiglu, transport=transport,
+            buffer_factor=buffer_factor,
+        )  # fmt: skip
 
     def loss(*a):
         return jnp.sum(layer(*a).astype(jnp.float32))
@@ -59,4 +62,8 @@ def test_sharding_moe_layer_compiles_for_v5p(transport):
     else:
         assert "reduce-scatter" in hlo and "all-gather" in hlo
     mem = compiled.memory_analysis()
-    print(f"[sharding-tpu] {transport}: temp {mem.temp_size_in_bytes / 2**20:.0f} MiB per chip")
+    print(f"[sharding-tpu] {transport} buffer {buffer_factor}: temp {mem.temp_size_in_bytes / 2**20:.0f} MiB per chip")
+    if transport == "ragged_a2a":
+        # The receive buffer's rows: n_local * k * (buffer_factor or EP), n_local = 4096 / 8 devices.
+        rows = 512 * k * (buffer_factor or 4)
+        assert f"bf16[{int(rows)},{d}]" in hlo
