@@ -4,7 +4,13 @@
 
 Nothing is allocated: parameters, biases and optimizer state are `ShapeDtypeStruct`s carrying the trainer's
 shardings, the batch is the preset's global batch. The report gives bytes per chip against the chip's HBM,
-compile time, compiled vs model FLOPs, the XLA cost model's step time and MFU, and the collectives in the HLO.
+compile time, compiled vs model FLOPs, a step-time estimate and the MFU it implies, and the collectives per step.
+
+FLOPs, step time and collectives come from `ernie_jax.hlo_stats`, which weights every loop body of the compiled HLO
+by its trip count: XLA's `cost_analysis()` visits the layer scan's body once, and libtpu's own cost model returns
+a negative `optimal_seconds` for this module (it is printed anyway). The step time is a roofline model (per op
+max(FLOPs / peak, bytes / HBM bandwidth), plus collective bytes over one ICI link), given with communication
+overlapped and serial: an estimate to compare configurations, not a measurement.
 
 Topology names (Cloud TPU naming): v4-N and v5p-N count TensorCores (2 per chip, so v5p-64 = 32 chips = 2x4x4);
 v5e-N / v5litepod-N and v6e-N count chips (v6e-64 = 8x8). A raw libtpu name such as "v5p:2x4x4" also works.
@@ -31,6 +37,7 @@ from flax import nnx  # noqa: E402
 
 import pallas_kernels  # noqa: E402
 import sharding  # noqa: E402
+from ernie_jax.hlo_stats import Module, roofline_seconds  # noqa: E402
 from ernie_jax.metrics import PEAK_FLOPS  # noqa: E402
 from ernie_jax.optim import make_optimizer  # noqa: E402
 from ernie_jax.step_builder import abstract_batch, jit_train_step, model_creator, opt_state_shardings  # noqa: E402
@@ -45,9 +52,9 @@ LIBTPU_NAME = {"v4": "v4", "v5p": "v5p", "v5e": "v5e", "v6e": "v6e"}
 SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
              512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"}  # fmt: skip
 SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
-COLLECTIVES = ("all-gather", "all-to-all", "ragged-all-to-all", "reduce-scatter", "all-reduce", "collective-permute")
-DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4,
-               "s64": 8, "u64": 8, "f64": 8, "f8e4m3fn": 1, "f8e5m2": 1}  # fmt: skip
+# HBM bandwidth per chip, and one ICI link's bidirectional bandwidth (JAX_MOE_ANCHORS.md §6, scaling-book tpus.md).
+HBM_BYTES_PER_S = {"v4": 1.2e12, "v5p": 2.765e12, "v5e": 8.19e11, "v6e": 1.6e12}
+ICI_BYTES_PER_S = {"v4": 9e10, "v5p": 1.8e11, "v5e": 9e10, "v6e": 1.8e11}
 
 
 def resolve_topology(name: str) -> tuple[str, str, int]:
@@ -92,29 +99,6 @@ def _tree_bytes_per_chip(tree) -> int:
     return total
 
 
-def _shape_bytes(type_text: str) -> int:
-    """Bytes of the last array type in an HLO result type ("bf16[8,2560]{1,0}" or a tuple of them)."""
-    arrays = re.findall(r"\b([a-z0-9]+)\[([0-9,]*)\]", type_text)
-    arrays = [(d, s) for d, s in arrays if d in DTYPE_BYTES]
-    if not arrays:
-        return 0
-    dtype, dims = arrays[-1]
-    return DTYPE_BYTES[dtype] * math.prod(int(x) for x in dims.split(",") if x)
-
-
-def hlo_collectives(hlo: str) -> dict[str, dict[str, int]]:
-    """Static count and result bytes (per chip) of each collective instruction in the HLO text. An instruction in
-    the layer scan's while body is counted once, though it runs once per scanned layer."""
-    out = {name: {"count": 0, "bytes": 0} for name in COLLECTIVES}
-    pattern = re.compile(r"=\s+(.+?)\s+(" + "|".join(sorted(COLLECTIVES, key=len, reverse=True)) + r")(-start)?\(")
-    for line in hlo.splitlines():
-        m = pattern.search(line)
-        if m:
-            out[m.group(2)]["count"] += 1
-            out[m.group(2)]["bytes"] += _shape_bytes(m.group(1))
-    return out
-
-
 def _cost(compiled) -> dict:
     cost = compiled.cost_analysis()
     if isinstance(cost, list | tuple):
@@ -122,7 +106,7 @@ def _cost(compiled) -> dict:
     return dict(cost or {})
 
 
-def compile_report(cfg: TrainConfig, topology: str) -> dict:
+def compile_report(cfg: TrainConfig, topology: str, dump_hlo: str | None = None) -> dict:
     """AOT-compile cfg's train step for `topology` and return the report as a dict."""
     gen, libtpu_name, chips = resolve_topology(topology)
     devices = topology_devices(libtpu_name)
@@ -148,10 +132,39 @@ def compile_report(cfg: TrainConfig, topology: str) -> dict:
     step_fn = jit_train_step(cfg, graphdef, optimizer, mesh, param_sh, bias_sh, opt_sh)
 
     started = time.perf_counter()
-    with pallas_kernels.target_platform("tpu"), sharding.use_mesh(mesh, moe_transport=cfg.mesh.moe_transport):
+    with (
+        pallas_kernels.target_platform("tpu"),
+        sharding.use_mesh(mesh, moe_transport=cfg.mesh.moe_transport, moe_buffer_factor=cfg.mesh.moe_buffer_factor),
+    ):
         lowered = step_fn.lower(a_params, a_biases, a_opt, a_batch, a_step)
     lower_s = time.perf_counter() - started
-    compiled = lowered.compile()
+    header = {
+        "config": cfg.name,
+        "topology": topology,
+        "libtpu_topology": libtpu_name,
+        "device_kind": devices[0].device_kind,
+        "chips": chips,
+        "mesh": dict(mesh.shape),
+        "mesh_note": mesh_note,
+        "moe_transport": cfg.mesh.moe_transport,
+        "moe_buffer_factor": cfg.mesh.moe_buffer_factor,
+        "grad_accum": cfg.optim.grad_accum,
+        "loss_chunk": cfg.loss_chunk,
+        "remat": cfg.remat,
+        "layers": cfg.model.num_hidden_layers,
+        "global_batch": cfg.data.global_batch_size,
+        "seq_len": cfg.data.seq_len,
+        "params": cfg.model.num_params(),
+        "active_params": cfg.model.num_active_params(),
+        "lower_s": lower_s,
+    }
+    try:
+        compiled = lowered.compile()
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        # libtpu refuses a program whose temporaries exceed HBM: report it like any other "does not fit".
+        return {**header, "fits": False, "hbm_bytes": HBM_BYTES[gen], "compile_error": str(e).strip()}
     compile_s = time.perf_counter() - started - lower_s
 
     mem = compiled.memory_analysis()
@@ -166,25 +179,18 @@ def compile_report(cfg: TrainConfig, topology: str) -> dict:
     cost = _cost(compiled)
     tokens = cfg.data.global_batch_size * cfg.data.seq_len
     model_flops = model_flops_per_token(cfg.model, cfg.data.seq_len) * tokens
-    compiled_flops = float(cost.get("flops", float("nan")))  # of the SPMD-partitioned module: per chip
     peak_flops = PEAK_FLOPS[PEAK_KEY[gen]]
-    optimal_s = cost.get("optimal_seconds")
-    optimal_s = float(optimal_s) if optimal_s is not None and optimal_s > 0 else None
+    xla_optimal_s = cost.get("optimal_seconds")
+    hlo_text = compiled.as_text()
+    if dump_hlo:
+        with open(dump_hlo, "w") as f:
+            f.write(hlo_text)
+    module = Module(hlo_text)  # every loop body weighted by its trip count (cost_analysis visits it once)
+    compiled_flops = module.flops()  # of the SPMD-partitioned module: per chip
+    roofline = roofline_seconds(module, peak_flops, HBM_BYTES_PER_S[gen], ICI_BYTES_PER_S[gen])
+    model_per_chip = model_flops / chips
     return {
-        "config": cfg.name,
-        "topology": topology,
-        "libtpu_topology": libtpu_name,
-        "device_kind": devices[0].device_kind,
-        "chips": chips,
-        "mesh": dict(mesh.shape),
-        "mesh_note": mesh_note,
-        "moe_transport": cfg.mesh.moe_transport,
-        "layers": cfg.model.num_hidden_layers,
-        "global_batch": cfg.data.global_batch_size,
-        "seq_len": cfg.data.seq_len,
-        "params": cfg.model.num_params(),
-        "active_params": cfg.model.num_active_params(),
-        "lower_s": lower_s,
+        **header,
         "compile_s": compile_s,
         "bytes_per_chip": {
             "params": _tree_bytes_per_chip(a_params),
@@ -201,14 +207,20 @@ def compile_report(cfg: TrainConfig, topology: str) -> dict:
         "hbm_bytes": hbm,
         "fits": peak_bytes <= hbm,
         "compiled_flops_per_chip": compiled_flops,
+        "kernel_flops_per_chip": module.flops_by_kernel(),
+        "xla_cost_analysis_flops_per_chip": float(cost.get("flops", float("nan"))),  # loop bodies counted once
         "model_flops": model_flops,
-        "model_flops_per_chip": model_flops / chips,
+        "model_flops_per_chip": model_per_chip,
         "compiled_over_model": compiled_flops * chips / model_flops,
         "peak_flops_per_chip": peak_flops,
-        "cost_model_step_s": optimal_s,
-        "cost_model_mfu": (model_flops / chips) / (optimal_s * peak_flops) if optimal_s else None,
-        "bytes_accessed_per_chip": float(cost.get("bytes accessed", float("nan"))),
-        "collectives": hlo_collectives(compiled.as_text()),
+        "xla_optimal_seconds": float(xla_optimal_s) if xla_optimal_s is not None else None,
+        "roofline": roofline,
+        "roofline_mfu": {
+            "overlapped": model_per_chip / (roofline["overlapped_s"] * peak_flops),
+            "serial": model_per_chip / (roofline["serial_s"] * peak_flops),
+        },
+        "loops": {"trip_counts": sorted(set(module.trip_counts.values())), "unknown": module.unknown_trip_counts},
+        "collectives": module.collectives(),
     }
 
 
@@ -216,14 +228,28 @@ def _gb(x: float) -> str:
     return f"{x / 1e9:7.2f} GB"
 
 
+def fit_hints(r: dict) -> str:
+    hints = [f"optim.grad_accum={2 * r['grad_accum']} (smaller micro-batches; the global batch is unchanged)"]
+    if not r["loss_chunk"]:
+        hints.append("loss_chunk=1024 (LM-head logits one chunk at a time)")
+    if r["moe_transport"] == "ragged_a2a" and not r["moe_buffer_factor"]:
+        hints.append("mesh.moe_buffer_factor=2 (expert-parallel buffers of 2 balanced shares, not the worst case)")
+    hints.append("a larger slice (more fsdp)")
+    return "to fit: " + ", ".join(hints)
+
+
 def format_report(r: dict) -> str:
-    b = r["bytes_per_chip"]
     lines = [
         f"{r['config']} on {r['topology']} ({r['libtpu_topology']}, {r['chips']} x {r['device_kind']}), "
-        f"mesh {r['mesh']}, moe {r['moe_transport']}",
+        f"mesh {r['mesh']}, moe {r['moe_transport']} (buffer factor {r['moe_buffer_factor'] or 'worst case'}), "
+        f"remat {r['remat']}, grad_accum {r['grad_accum']}, loss_chunk {r['loss_chunk']}",
     ]
     if r["mesh_note"]:
         lines.append(f"  note: {r['mesh_note']}")
+    if "compile_error" in r:
+        reason = r["compile_error"].splitlines()[-1]
+        return "\n".join([*lines, f"  DOES NOT FIT: libtpu refused the program: {reason}", f"  {fit_hints(r)}"])
+    b = r["bytes_per_chip"]
     lines += [
         f"  model: {r['params'] / 1e9:.1f}B params ({r['active_params'] / 1e9:.2f}B active), {r['layers']} layers; "
         f"global batch {r['global_batch']} x {r['seq_len']} tokens",
@@ -235,22 +261,33 @@ def format_report(r: dict) -> str:
         f"    arguments         {_gb(b['arguments'])}  (outputs {_gb(b['outputs'])}, aliased {_gb(b['aliased'])})",
         f"    temporaries       {_gb(b['temporaries'])}",
         f"    peak estimate     {_gb(b['peak_estimate'])}  of {_gb(r['hbm_bytes'])} HBM "
-        f"({b['peak_estimate'] / r['hbm_bytes']:.0%}): {'fits' if r['fits'] else 'DOES NOT FIT'}",
-        f"  FLOPs per step: compiled {r['compiled_flops_per_chip']:.3e} per chip (cost_analysis of the partitioned "
-        f"module) vs model {r['model_flops_per_chip']:.3e} per chip ({r['model_flops']:.3e} total): "
-        f"ratio {r['compiled_over_model']:.2f}",
+        f"({b['peak_estimate'] / r['hbm_bytes']:.0%}): {'fits' if r['fits'] else 'DOES NOT FIT; ' + fit_hints(r)}",
+        f"  FLOPs per step per chip: compiled {r['compiled_flops_per_chip']:.3e} (HLO matmuls and kernel estimates, "
+        f"loop bodies x trip count) vs model {r['model_flops_per_chip']:.3e}: ratio {r['compiled_over_model']:.2f}",
+        "    of which Pallas kernels: "
+        + ", ".join(f"{k} {v:.2e}" for k, v in r["kernel_flops_per_chip"].items() if k != "xla")
+        + f"; XLA cost_analysis() alone: {r['xla_cost_analysis_flops_per_chip']:.3e} (loop bodies once)",
     ]
-    if r["cost_model_step_s"]:
-        lines.append(
-            f"  XLA cost model: {r['cost_model_step_s'] * 1e3:.1f} ms/step -> MFU {r['cost_model_mfu']:.1%} "
-            f"of {r['peak_flops_per_chip'] / 1e12:.0f} TFLOP/s per chip"
-        )
-    else:
-        lines.append("  XLA cost model: no optimal_seconds in cost_analysis()")
-    lines.append("  collectives (static HLO instructions; loop bodies counted once; result bytes per chip):")
+    rf, mfu = r["roofline"], r["roofline_mfu"]
+    optimal = r["xla_optimal_seconds"]
+    lines += [
+        f"  step time (roofline model from the HLO): compute+HBM {rf['compute_s'] * 1e3:.0f} ms, ICI "
+        f"{rf['collective_s'] * 1e3:.0f} ms -> {rf['overlapped_s'] * 1e3:.0f} ms overlapped / "
+        f"{rf['serial_s'] * 1e3:.0f} ms serial: MFU {mfu['overlapped']:.1%} / {mfu['serial']:.1%} of "
+        f"{r['peak_flops_per_chip'] / 1e12:.0f} TFLOP/s",
+        "  XLA cost model: "
+        + (
+            f"optimal_seconds {optimal:.3g} (no usable estimate for this module)"
+            if optimal is None or optimal <= 0
+            else f"optimal_seconds {optimal:.3g} (loop bodies once)"
+        ),
+        "  collectives per step (loop bodies x trip count; result bytes per chip):",
+    ]
     for name, c in r["collectives"].items():
         if c["count"]:
-            lines.append(f"    {name:18s} {c['count']:4d}  {c['bytes'] / 2**20:10.1f} MiB")
+            lines.append(f"    {name:18s} {c['count']:5d}  {c['bytes'] / 2**30:9.2f} GiB")
+    if r["loops"]["unknown"]:
+        lines.append(f"  note: trip counts unknown for {r['loops']['unknown']}: counted once")
     return "\n".join(lines)
 
 
@@ -262,13 +299,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default="a3b_tpu")
     parser.add_argument("--topology", default="v5p-64", help="v5p-64, v4-32, v6e-64, v5e-16, or v5p:2x4x4")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--dump-hlo", metavar="FILE", help="also write the compiled (partitioned) HLO text here")
     args, overrides = parser.parse_known_args(argv)
     unknown = [o for o in overrides if o.startswith("-")]
     if unknown:
         parser.error(f"unknown option(s) {unknown}")
     # The preset's platform/min_devices describe where it trains, not this host: AOT ignores them.
     cfg = apply_overrides(load_preset(args.config), overrides)
-    report = compile_report(cfg, args.topology)
+    report = compile_report(cfg, args.topology, dump_hlo=args.dump_hlo)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0 if report["fits"] else 1
 

@@ -78,6 +78,14 @@ def batch_sharding(cfg: TrainConfig, mesh: Mesh) -> NamedSharding:
             f"data.global_batch_size: {cfg.data.global_batch_size} is not divisible by the {shards} "
             "batch shards of the mesh (data * fsdp * expert)"
         )
+    micro = cfg.data.global_batch_size // cfg.optim.grad_accum
+    if micro % shards:
+        # Each micro-batch is split over the same shards; a remainder would replicate rows and repeat their work.
+        raise ConfigError(
+            f"optim.grad_accum: micro-batches of {micro} rows ({cfg.data.global_batch_size} / {cfg.optim.grad_accum}) "
+            f"do not divide over the {shards} batch shards of the mesh; use a grad_accum with global_batch_size / "
+            f"grad_accum a multiple of {shards}"
+        )
     return NamedSharding(mesh, spec)
 
 

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import sharding
 from ernie_jax import train as train_mod
 from ernie_jax.checkpointing import CheckpointMismatchError
 from ernie_jax.config import ConfigError
@@ -181,3 +182,14 @@ def test_damaged_checkpoint_is_named_and_unfinished_save_is_ignored(tmp_path):
         p.write_bytes(b"")
     with pytest.raises(CheckpointMismatchError, match=r"checkpoints/2"):
         train_mod.train(small_cfg(tmp_path, "steps=3", "checkpoint.every=1", "checkpoint.keep=5"), progress=False)
+
+
+def test_micro_batches_must_divide_over_the_batch_shards():
+    # 16 rows in 4 micro-batches of 4 cannot split over 8 batch shards: refused, not silently replicated.
+    from ernie_jax.step_builder import batch_sharding
+
+    cfg = apply_overrides(load_preset("tiny"), ["data.global_batch_size=16", "optim.grad_accum=4"])
+    mesh = sharding.make_mesh(data=8)
+    with pytest.raises(ConfigError, match="optim.grad_accum.*multiple of 8"):
+        batch_sharding(cfg, mesh)
+    assert batch_sharding(apply_overrides(cfg, ["optim.grad_accum=2"]), mesh).mesh is mesh
