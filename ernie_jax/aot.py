@@ -37,12 +37,14 @@ from flax import nnx  # noqa: E402
 
 import pallas_kernels  # noqa: E402
 import sharding  # noqa: E402
+from ernie_jax.config import ConfigError  # noqa: E402
 from ernie_jax.hlo_stats import Module, roofline_seconds  # noqa: E402
 from ernie_jax.metrics import PEAK_FLOPS  # noqa: E402
 from ernie_jax.optim import make_optimizer  # noqa: E402
 from ernie_jax.step_builder import abstract_batch, jit_train_step, model_creator, opt_state_shardings  # noqa: E402
 from ernie_jax.train_config import TrainConfig, apply_overrides, load_preset  # noqa: E402
 from ernie_jax.train_step import model_flops_per_token, split_model  # noqa: E402
+from sharding.mesh import MeshError  # noqa: E402
 
 # HBM per chip in bytes (JAX_MOE_ANCHORS.md §6).
 HBM_BYTES = {"v4": 32 * 2**30, "v5p": 95e9, "v5e": 16e9, "v6e": 32e9}
@@ -148,6 +150,8 @@ def compile_report(cfg: TrainConfig, topology: str, dump_hlo: str | None = None)
         "mesh_note": mesh_note,
         "moe_transport": cfg.mesh.moe_transport,
         "moe_buffer_factor": cfg.mesh.moe_buffer_factor,
+        "batch_shards": cfg.data.global_batch_size
+        // a_batch["input_ids"].sharding.shard_shape(a_batch["input_ids"].shape)[0],
         "grad_accum": cfg.optim.grad_accum,
         "loss_chunk": cfg.loss_chunk,
         "remat": cfg.remat,
@@ -229,7 +233,10 @@ def _gb(x: float) -> str:
 
 
 def fit_hints(r: dict) -> str:
-    hints = [f"optim.grad_accum={2 * r['grad_accum']} (smaller micro-batches; the global batch is unchanged)"]
+    hints = []
+    more = 2 * r["grad_accum"]
+    if r["global_batch"] % more == 0 and (r["global_batch"] // more) % r["batch_shards"] == 0:
+        hints.append(f"optim.grad_accum={more} (smaller micro-batches; the global batch is unchanged)")
     if not r["loss_chunk"]:
         hints.append("loss_chunk=1024 (LM-head logits one chunk at a time)")
     if r["moe_transport"] == "ragged_a2a" and not r["moe_buffer_factor"]:
@@ -305,8 +312,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown option(s) {unknown}")
     # The preset's platform/min_devices describe where it trains, not this host: AOT ignores them.
-    cfg = apply_overrides(load_preset(args.config), overrides)
-    report = compile_report(cfg, args.topology, dump_hlo=args.dump_hlo)
+    try:
+        cfg = apply_overrides(load_preset(args.config), overrides)
+        report = compile_report(cfg, args.topology, dump_hlo=args.dump_hlo)
+    except (ConfigError, MeshError) as e:  # a config or mesh that cannot work on this topology: say why, no trace
+        parser.exit(2, f"error: {e}\n")
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0 if report["fits"] else 1
 
