@@ -103,14 +103,12 @@ def arrays(type_text: str) -> list[tuple[str, tuple[int, ...]]]:
     return [(d, tuple(int(x) for x in s.split(",") if x)) for d, s in _ARRAY.findall(type_text) if d in DTYPE_BYTES]
 
 
-def _last_array(type_text: str) -> str:
-    found = _ARRAY.findall(type_text)
-    found = [(d, dims) for d, dims in found if d in DTYPE_BYTES]
-    return f"{found[-1][0]}[{found[-1][1]}]" if found else ""
-
-
-def type_bytes(type_text: str) -> int:
-    return sum(DTYPE_BYTES[d] * math.prod(s) for d, s in arrays(type_text))
+def type_bytes(type_text: str, last_only: bool = False) -> int:
+    """Bytes of every array in an HLO type (a tuple's elements summed), or of its last array only."""
+    found = arrays(type_text)
+    if last_only:
+        found = found[-1:]
+    return sum(DTYPE_BYTES[d] * math.prod(s) for d, s in found)
 
 
 def _shape(comp: Computation, name: str) -> tuple[int, ...] | None:
@@ -132,13 +130,12 @@ def instruction_flops(inst: Instruction, comp: Computation) -> float:
     if not out:
         return 0.0
     out_elems = math.prod(out[0][1])
+    lhs = _shape(comp, inst.operands[0])
     if inst.opcode == "dot":
-        lhs = _shape(comp, inst.operands[0])
         m = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", inst.attrs)
         if lhs is None or not m:
             return 0.0
         return 2.0 * out_elems * math.prod(lhs[int(d)] for d in m.group(1).split(",") if d)
-    lhs = _shape(comp, inst.operands[0])
     rhs = _shape(comp, inst.operands[1]) if len(inst.operands) > 1 else None
     m = re.search(r"dim_labels=([^_]+)_([^-]+)->(\w+)", inst.attrs)
     if lhs is None or rhs is None or not m or (len(m.group(1)), len(m.group(2))) != (len(lhs), len(rhs)):
@@ -185,7 +182,6 @@ class Module:
     """A parsed HLO module with per-computation run counts."""
 
     def __init__(self, text: str):
-        self.text = text
         self.computations = parse_module(text)
         entries = [c for c in self.computations.values() if c.entry]
         if len(entries) != 1:
@@ -274,6 +270,7 @@ class Module:
             return 1
         return sum(self.runs(caller) * factor for caller, factor in self.callers.get(name, []))
 
+    @functools.cache  # noqa: B019 - a fused computation can be called from many fusions
     def _fused_flops(self, name: str) -> float:
         comp = self.computations.get(name)
         if comp is None:
@@ -296,8 +293,10 @@ class Module:
             for inst in comp.instructions:
                 yield comp, inst, n
 
-    def op_costs(self):
-        """(flops, HBM bytes, runs, instruction) of each top-level instruction."""
+    @functools.cached_property
+    def op_costs(self) -> list[tuple[float, int, int, Instruction]]:
+        """(flops, HBM bytes, runs, instruction) of each top-level instruction, computed once per module."""
+        out = []
         for comp, inst, n in self.top_level():
             if inst.opcode == "fusion":
                 flops = sum(self._fused_flops(c) for c in inst.called("calls"))
@@ -311,15 +310,16 @@ class Module:
                 else:
                     operands = sum(type_bytes(comp.by_name[o].type_text) for o in inst.operands if o in comp.by_name)
                     traffic = operands + type_bytes(inst.type_text)
-            yield flops, traffic, n, inst
+            out.append((flops, traffic, n, inst))
+        return out
 
     def flops(self, weighted: bool = True) -> float:
-        return sum(f * (n if weighted else 1) for f, _, n, _ in self.op_costs())
+        return sum(f * (n if weighted else 1) for f, _, n, _ in self.op_costs)
 
     def flops_by_kernel(self) -> dict[str, float]:
         """Weighted FLOPs split into XLA's own matmuls ("xla") and each Pallas kernel (by its pallas_call name)."""
         out: dict[str, float] = {"xla": 0.0}
-        for flops, _, n, inst in self.op_costs():
+        for flops, _, n, inst in self.op_costs:
             if not flops:
                 continue
             key = re.sub(r"\.\d+$", "", inst.name) if inst.opcode == "custom-call" else "xla"
@@ -335,7 +335,7 @@ class Module:
                 continue
             k = n if weighted else 1
             # An async `-start` returns (operands..., result): the result is its last array.
-            size = type_bytes(_last_array(inst.type_text))
+            size = type_bytes(inst.type_text, last_only=True)
             if m.group(1) == "ragged-all-to-all" and inst.operands and inst.operands[0] in comp.by_name:
                 # Its output buffer is sized for the worst case (every row landing on one device); the rows that
                 # move are at most the smaller of the send and receive buffers, and about that when balanced.
@@ -350,7 +350,7 @@ def roofline_seconds(module: Module, peak_flops: float, hbm_bytes_per_s: float, 
     (XLA's own per-op model), collectives take result bytes / ICI bandwidth. `overlapped` assumes communication
     hides behind compute, `serial` that it does not."""
     compute = 0.0
-    for flops, traffic, n, _ in module.op_costs():
+    for flops, traffic, n, _ in module.op_costs:
         compute += n * max(flops / peak_flops, traffic / hbm_bytes_per_s)
     comm = sum(c["bytes"] for c in module.collectives().values()) / ici_bytes_per_s
     return {"compute_s": compute, "collective_s": comm, "overlapped_s": max(compute, comm), "serial_s": compute + comm}

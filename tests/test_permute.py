@@ -41,21 +41,26 @@ def test_permute_rows_matches_indexing_forward_and_grad(which):
     np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-6)
 
 
-def _row_scatters(jaxpr) -> list[str]:
-    """Scatter ops (not the reduce_scatter collective) on float operands of rank >= 2, sub-jaxprs included."""
+def _float_ops(jaxpr, is_match) -> list[str]:
+    """Ops for which is_match(primitive name) holds, on float operands of rank >= 2, sub-jaxprs included."""
     found = []
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name.startswith("scatter"):  # scatter, scatter-add, ...; not reduce_scatter
+        if is_match(eqn.primitive.name):
             op = eqn.invars[0].aval
             if op.ndim >= 2 and jnp.issubdtype(op.dtype, jnp.floating):
                 found.append(f"{eqn.primitive.name} {op.str_short()}")
         for param in eqn.params.values():
             for sub in param if isinstance(param, list | tuple) else (param,):
                 if isinstance(sub, jex.ClosedJaxpr):
-                    found += _row_scatters(sub.jaxpr)
+                    found += _float_ops(sub.jaxpr, is_match)
                 elif isinstance(sub, jex.Jaxpr):
-                    found += _row_scatters(sub)
+                    found += _float_ops(sub, is_match)
     return found
+
+
+def _row_scatters(jaxpr) -> list[str]:
+    # scatter, scatter-add, ...; not the reduce_scatter collective
+    return _float_ops(jaxpr, lambda name: name.startswith("scatter"))
 
 
 def _dense_expert_fn(xs, group_sizes, w_gate, w_up, w_down, expected_rows=None):
@@ -100,20 +105,7 @@ def test_ragged_dispatch_grad_has_no_row_scatters():
 
 
 def _buffer_psums(jaxpr) -> list[str]:
-    """psum-like collectives on float operands of rank >= 2, sub-jaxprs included."""
-    found = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name.startswith("psum"):
-            op = eqn.invars[0].aval
-            if op.ndim >= 2 and jnp.issubdtype(op.dtype, jnp.floating):
-                found.append(f"{eqn.primitive.name} {op.str_short()}")
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, list | tuple) else (param,):
-                if isinstance(sub, jex.ClosedJaxpr):
-                    found += _buffer_psums(sub.jaxpr)
-                elif isinstance(sub, jex.Jaxpr):
-                    found += _buffer_psums(sub)
-    return found
+    return _float_ops(jaxpr, lambda name: name.startswith("psum"))
 
 
 def test_ragged_dispatch_grad_has_no_buffer_all_reduce():
