@@ -1,0 +1,31 @@
+"""ERNIE 4.5 VL (`ernie4_5_vl_moe`) in Flax NNX: vision tower, resampler and the heterogeneous multimodal MoE decoder,
+exact against transformers' `Ernie4_5_VLMoeForConditionalGeneration`.
+
+    model = ernie_jax.vl.from_pretrained("path/to/vl-checkpoint", dtype=jnp.float32)
+    logits = model(input_ids, pixel_values=pv, image_grid_thw=grid, mm_token_type_ids=types,
+                   moe_mm_token_type_ids=ernie_jax.vl.moe_token_types(input_ids, model.config))
+    ernie_jax.vl.save_pretrained(model, "out/")
+"""
+
+from ernie_jax.vl.checkpoint import from_pretrained, save_pretrained
+from ernie_jax.vl.config import VisionConfig, VLConfig, VLTextConfig
+from ernie_jax.vl.model import (
+    ErnieVLForConditionalGeneration,
+    abstract_model,
+    modality_router_losses,
+    moe_token_types,
+)
+from ernie_jax.vl.rope import rope_index
+
+__all__ = [
+    "ErnieVLForConditionalGeneration",
+    "VLConfig",
+    "VLTextConfig",
+    "VisionConfig",
+    "abstract_model",
+    "from_pretrained",
+    "modality_router_losses",
+    "moe_token_types",
+    "rope_index",
+    "save_pretrained",
+]

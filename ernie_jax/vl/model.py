@@ -1,0 +1,206 @@
+"""ERNIE 4.5 VL in Flax NNX: `model(input_ids, pixel_values=..., image_grid_thw=..., ...)` -> logits [B, T, V].
+
+The forward follows transformers' `Ernie4_5_VLMoeForConditionalGeneration`:
+  1. token embeddings; image and video placeholders (`image_token_id`, `video_token_id`) are replaced, in order
+     over the batch, by the vision tower + resampler outputs for `pixel_values` / `pixel_values_videos`;
+  2. 3D RoPE positions from `mm_token_type_ids` and the grids (`rope.rope_index`), or 0..T-1 when there is no
+     image or video (also with padding, as transformers);
+  3. the decoder, whose MoE layers route by `moe_mm_token_type_ids` (0 text pool, 1/2 vision pool; when it is not
+     given every token takes the text pool, as in transformers: the processor returns it);
+  4. final RMSNorm and the LM head (tied to the embeddings unless `tie_word_embeddings` is false).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import sharding
+from ernie_jax.layers import RMSNorm, make_param, normal_init
+from ernie_jax.model import ModelOptions
+from ernie_jax.moe import RouterStats
+from ernie_jax.vl.config import VLConfig
+from ernie_jax.vl.decoder import DecoderGroup
+from ernie_jax.vl.rope import IMAGE, VIDEO, host_ints, mrope_angles, rope_index
+from ernie_jax.vl.vision import Resampler, VisionTower
+
+
+def moe_token_types(input_ids, cfg: VLConfig) -> np.ndarray:
+    """`moe_mm_token_type_ids` as transformers' processor builds it: placeholders and their start/end tokens are
+    1 (image) or 2 (video), everything else 0."""
+    ids = host_ints(input_ids, "input_ids")
+    out = np.zeros_like(ids)
+    out[np.isin(ids, [cfg.image_token_id, cfg.image_start_token_id, cfg.image_end_token_id])] = IMAGE
+    out[np.isin(ids, [cfg.video_token_id, cfg.video_start_token_id, cfg.video_end_token_id])] = VIDEO
+    return out.astype(np.int32)
+
+
+def scatter_placeholders(h: jax.Array, is_placeholder: jax.Array, features: jax.Array) -> jax.Array:
+    """Put features [n, D] into the placeholder slots of h [B, T, D], in row-major order (torch's masked_scatter)."""
+    b, t, d = h.shape
+    flat_mask = is_placeholder.reshape(-1)
+    slot = jnp.clip(jnp.cumsum(flat_mask) - 1, 0, features.shape[0] - 1)  # [B*T] which feature row goes here
+    rows = jnp.take(features.astype(h.dtype), slot, axis=0).reshape(b, t, d)
+    return jnp.where(is_placeholder[..., None], rows, h)
+
+
+class ErnieVLForConditionalGeneration(nnx.Module):
+    """Vision tower + resampler + modality-isolated MoE decoder, exactly transformers' ERNIE 4.5 VL."""
+
+    def __init__(
+        self,
+        cfg: VLConfig,
+        *,
+        rngs: nnx.Rngs | None = None,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        options: ModelOptions = ModelOptions(),
+    ):
+        text = cfg.text
+        self.config = cfg
+        self.options = options
+        self.dtype = dtype
+        init = normal_init(text.initializer_range)
+        common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.embed = make_param(rngs, init, (text.vocab_size, text.hidden_size), ("vocab", "embed"), param_dtype)
+        self.vision = VisionTower(cfg.vision, attention_impl=options.attention_impl, **common)
+        self.resampler = Resampler(cfg, **common)
+        self.groups = nnx.List(
+            DecoderGroup(text, kind, repeats, options, **common) for kind, repeats in text.layer_groups
+        )
+        self.final_norm = RMSNorm(text.hidden_size, text.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
+        self.lm_head = (
+            None
+            if cfg.tie_word_embeddings
+            else make_param(rngs, init, (text.hidden_size, text.vocab_size), ("embed", "vocab"), param_dtype)
+        )
+
+    def image_features(self, pixel_values: jax.Array, grid_thw) -> jax.Array:
+        """pixel_values [P, C] of images or video frames, grid_thw [n, 3] (host ints) -> decoder tokens [n_tok, D]."""
+        return self.resampler(self.vision(pixel_values, grid_thw), grid_thw)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        *,
+        attention_mask: jax.Array | None = None,
+        position_ids: jax.Array | None = None,
+        mm_token_type_ids=None,
+        moe_mm_token_type_ids: jax.Array | None = None,
+        pixel_values: jax.Array | None = None,
+        image_grid_thw=None,
+        pixel_values_videos: jax.Array | None = None,
+        video_grid_thw=None,
+        return_aux: bool = False,
+    ) -> jax.Array | tuple[jax.Array, dict[str, Any]]:
+        """Logits [B, T, V] (fp32 when dtype is fp32), with transformers' argument meanings.
+
+        Args:
+          input_ids: [B, T] tokens, with one placeholder token per image/video token (the processor's output).
+          attention_mask: [B, T], 1 for tokens, 0 for padding.
+          position_ids: [3, B, T] (t, h, w) or [B, T]; default computed as transformers does (see `rope.rope_index`).
+            Pass them (from `rope_index`) to run under jit: the default is computed on the host.
+          mm_token_type_ids: [B, T] 0 text, 1 image, 2 video placeholders (host ints); needed with images/videos.
+          moe_mm_token_type_ids: [B, T] the MoE hard gate: 0 text pool, 1/2 vision pool (`moe_token_types`).
+          pixel_values / image_grid_thw: flattened patches [P, C] of all images, their grids [n, 3] (host ints).
+          pixel_values_videos / video_grid_thw: the same for videos.
+          return_aux: also return {"router_stats": [per decoder group: None (dense) or (text, vision) RouterStats
+            stacked over the group's layers]}; see `modality_router_losses`.
+        """
+        cfg = self.config
+        b, t = input_ids.shape
+        h = jnp.take(self.embed[...], input_ids, axis=0).astype(self.dtype)  # [B, T, D]
+        for values, grid, token, kind in (
+            (pixel_values, image_grid_thw, cfg.image_token_id, "image"),
+            (pixel_values_videos, video_grid_thw, cfg.video_token_id, "video"),
+        ):
+            if values is None:
+                continue
+            if grid is None:
+                raise ValueError(f"{kind} pixel values need {kind}_grid_thw")
+            features = self.image_features(values, grid)  # [n, D]
+            is_placeholder = input_ids == token
+            if not isinstance(input_ids, jax.core.Tracer) and int(is_placeholder.sum()) != features.shape[0]:
+                raise ValueError(
+                    f"{int(is_placeholder.sum())} {kind} placeholder tokens in input_ids but the {kind}s give "
+                    f"{features.shape[0]} tokens"
+                )
+            h = scatter_placeholders(h, is_placeholder, features)
+        h = sharding.shard(h, "batch", "seq", "act_embed")
+
+        positions = self._positions(b, t, position_ids, mm_token_type_ids, image_grid_thw, video_grid_thw,
+                                    attention_mask)  # fmt: skip
+        angles = mrope_angles(positions, cfg.text.resolved_head_dim, cfg.text.rope_theta, cfg.text.mrope_section)
+        token_mask = segment_ids = None
+        if attention_mask is not None:
+            token_mask = jnp.asarray(attention_mask).astype(bool)
+            segment_ids = token_mask.astype(jnp.int32)  # padding is its own segment: real tokens never see it
+        if moe_mm_token_type_ids is None:
+            is_vision = jnp.zeros((b, t), bool)
+        else:
+            is_vision = jnp.asarray(moe_mm_token_type_ids) != 0
+        router_stats = []
+        for group in self.groups:
+            h, stats = group(h, angles, segment_ids, is_vision, token_mask)
+            router_stats.append(stats)
+        h = self.final_norm(h).astype(self.dtype)
+        if self.lm_head is None:
+            logits = jnp.einsum("BTD,VD->BTV", h, self.embed[...].astype(self.dtype))
+        else:
+            logits = jnp.einsum("BTD,DV->BTV", h, self.lm_head[...].astype(self.dtype))
+        return (logits, {"router_stats": router_stats}) if return_aux else logits
+
+    def _positions(self, b, t, position_ids, mm_token_type_ids, image_grid_thw, video_grid_thw, attention_mask):
+        """[3, B, T] int positions (t, h, w)."""
+        if position_ids is not None:
+            position_ids = jnp.asarray(position_ids)
+            return jnp.broadcast_to(position_ids, (3, b, t)) if position_ids.ndim == 2 else position_ids
+        if image_grid_thw is None and video_grid_thw is None:
+            return jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (3, b, t))
+        if mm_token_type_ids is None:
+            raise ValueError(
+                "image_grid_thw / video_grid_thw were given without mm_token_type_ids: the 3D RoPE positions need "
+                "them (the processor returns them next to input_ids)"
+            )
+        vision = self.config.vision
+        return jnp.asarray(
+            rope_index(
+                mm_token_type_ids,
+                image_grid_thw,
+                video_grid_thw,
+                attention_mask,
+                spatial_merge_size=vision.spatial_merge_size,
+                temporal_merge_size=vision.temporal_merge_size,
+            )
+        )
+
+
+def modality_router_losses(router_stats: list) -> dict[str, jax.Array]:
+    """Mean over MoE layers of each pool's aux load-balance loss and z-loss: {text,vision}_{aux,z}_loss."""
+    per_pool: dict[str, list[RouterStats]] = {"text": [], "vision": []}
+    for stats in router_stats:
+        if stats is not None:
+            per_pool["text"].append(stats[0])
+            per_pool["vision"].append(stats[1])
+    out = {}
+    for pool, items in per_pool.items():
+        if not items:
+            continue
+        out[f"{pool}_aux_loss"] = jnp.mean(jnp.concatenate([s.aux_loss for s in items]))
+        out[f"{pool}_z_loss"] = jnp.mean(jnp.concatenate([s.z_loss for s in items]))
+    return out
+
+
+def abstract_model(
+    cfg: VLConfig, *, dtype=jnp.bfloat16, param_dtype=jnp.float32, options: ModelOptions = ModelOptions()
+) -> ErnieVLForConditionalGeneration:
+    """A model whose parameters are ShapeDtypeStructs: no memory, for shapes, shardings and loading."""
+    return nnx.eval_shape(
+        lambda: ErnieVLForConditionalGeneration(
+            cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype, options=options
+        )
+    )
