@@ -306,6 +306,26 @@ def test_vl_bf16_forward(checkpoints, forwards):
     assert np.median(ours) <= 2 * np.median(theirs) + 1e-3
 
 
+def test_vl_host_inputs_are_checked(checkpoints):
+    """Grids and token types set shapes: a traced one, or a grid that does not match the placeholders, is refused
+    with a message (before any compute)."""
+    _, _, model = checkpoints["base"]
+    case = CASES["one_image"]
+    with pytest.raises(ValueError, match=r"6 image placeholder tokens .* \[\[1, 4, 4\]\] gives 4 tokens"):
+        model(jnp.asarray(case.ids), pixel_values=jnp.zeros((16, PATCH_DIM)), image_grid_thw=np.array([[1, 4, 4]]),
+              mm_token_type_ids=case.mm_types)  # fmt: skip
+    traced = jax.jit(
+        lambda types: model(
+            jnp.asarray(case.ids),
+            pixel_values=jnp.asarray(case.pixel_values),
+            image_grid_thw=case.image_grid,
+            mm_token_type_ids=types,
+        )
+    )
+    with pytest.raises(TypeError, match="mm_token_type_ids must be a concrete"):
+        traced(jnp.asarray(case.mm_types))
+
+
 def test_vl_rope_index_matches_transformers(checkpoints):
     import torch
 

@@ -26,7 +26,7 @@ from ernie_jax.moe import RouterStats
 from ernie_jax.vl.config import VLConfig
 from ernie_jax.vl.decoder import DecoderGroup
 from ernie_jax.vl.rope import IMAGE, VIDEO, host_ints, mrope_angles, rope_index
-from ernie_jax.vl.vision import Resampler, VisionTower
+from ernie_jax.vl.vision import Resampler, VisionTower, frame_pairs
 
 
 def moe_token_types(input_ids, cfg: VLConfig) -> np.ndarray:
@@ -122,14 +122,14 @@ class ErnieVLForConditionalGeneration(nnx.Module):
                 continue
             if grid is None:
                 raise ValueError(f"{kind} pixel values need {kind}_grid_thw")
-            features = self.image_features(values, grid)  # [n, D]
             is_placeholder = input_ids == token
-            if not isinstance(input_ids, jax.core.Tracer) and int(is_placeholder.sum()) != features.shape[0]:
+            tokens = len(frame_pairs(grid, cfg.vision.spatial_merge_size)[0])  # checked before the tower runs
+            if not isinstance(input_ids, jax.core.Tracer) and int(is_placeholder.sum()) != tokens:
                 raise ValueError(
-                    f"{int(is_placeholder.sum())} {kind} placeholder tokens in input_ids but the {kind}s give "
-                    f"{features.shape[0]} tokens"
+                    f"{int(is_placeholder.sum())} {kind} placeholder tokens in input_ids but {kind}_grid_thw "
+                    f"{host_ints(grid, kind).tolist()} gives {tokens} tokens"
                 )
-            h = scatter_placeholders(h, is_placeholder, features)
+            h = scatter_placeholders(h, is_placeholder, self.image_features(values, grid))
         h = sharding.shard(h, "batch", "seq", "act_embed")
 
         positions = self._positions(b, t, position_ids, mm_token_type_ids, image_grid_thw, video_grid_thw,
