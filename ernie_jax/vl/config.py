@@ -147,7 +147,7 @@ class VisionConfig:
     depth: int = 32
     hidden_size: int = 1280
     num_heads: int = 16
-    intermediate_size: int = 5120
+    intermediate_size: int = 5120  # transformers: 4 * 1280 when absent, whatever hidden_size is
     hidden_act: str = "quick_gelu"
     in_channels: int = 3
     patch_size: int = 14
@@ -376,8 +376,6 @@ def _vision_from_hf(hf: dict[str, Any]) -> VisionConfig:
         name = aliases.get(key, key)
         if name != "rope_theta" and name in {f.name for f in dataclasses.fields(VisionConfig)} and value is not None:
             kwargs[name] = value
-    if "intermediate_size" not in hf and "hidden_size" in hf:
-        kwargs["intermediate_size"] = 4 * hf["hidden_size"]  # transformers' default (mlp_ratio 4)
     if isinstance(kwargs.get("patch_size"), list | tuple):
         sizes = set(kwargs["patch_size"])
         if len(sizes) != 1:
