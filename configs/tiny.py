@@ -31,7 +31,7 @@ def get_config() -> TrainConfig:
         mesh=MeshConfig(data=-1),
         optim=OptimConfig(lr=3e-3, warmup_steps=30, decay="cosine", min_lr_ratio=0.1, weight_decay=0.01),
         checkpoint=CheckpointConfig(every=100, keep=2),
-        steps=300,
+        steps=900,
         run_dir="runs/tiny",
         dtype="float32",
         log_every=10,

@@ -1,5 +1,11 @@
 """ERNIE 4.5 in JAX/Flax NNX: exact Hugging Face parity, expert parallelism, Pallas kernels."""
 
+from ernie_jax import runtime_env
+
+runtime_env.configure()  # before any JAX backend starts
+
+# ruff: noqa: E402
+
 from ernie_jax.config import ARCHITECTURES, ConfigError, ErnieConfig
 from ernie_jax.hf.checkpoint import CheckpointError, from_pretrained, save_pretrained
 from ernie_jax.model import ErnieForCausalLM, ModelOptions, abstract_model

@@ -9,7 +9,6 @@ is never restored. A checkpoint written for another architecture is refused with
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from typing import Any
@@ -55,53 +54,95 @@ class TrainCheckpointer:
         force: bool = False,
     ) -> bool:
         meta = {"step": step, "seed": seed, "model": dataclasses.asdict(model)}
-        args = ocp.args.Composite(
+        items = dict(
             params=ocp.args.StandardSave(params),
-            biases=ocp.args.StandardSave(biases),
             opt_state=ocp.args.StandardSave(opt_state),
             data=ocp.args.JsonSave(data_state),
             meta=ocp.args.JsonSave(meta),
         )
-        return self.manager.save(step, args=args, force=force)
+        if _has_leaves(biases):  # a dense model has no router biases, and Orbax refuses to save an empty tree
+            items["biases"] = ocp.args.StandardSave(biases)
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def restore(self, step: int, *, params, biases, opt_state, model: ErnieConfig) -> dict[str, Any]:
-        """Restore `step` into the structure, dtypes and shardings of the given (template) state."""
+        """Restore `step` into the structure, dtypes and shardings of the given (template) state.
+
+        Raises:
+            CheckpointMismatchError: the step was written for another architecture.
+            DamagedCheckpointError: the step's files cannot be read back.
+        """
+        path = os.path.join(self.directory, str(step))
         try:
             meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         except Exception as e:  # noqa: BLE001 - a foreign or damaged directory: say which
-            raise CheckpointMismatchError(
-                f"{self.directory}/{step}: not a readable ernie_jax training checkpoint ({type(e).__name__}: {e})"
+            raise DamagedCheckpointError(
+                f"{path}: not a readable ernie_jax training checkpoint ({_first_line(e)})"
             ) from e
         saved = meta.get("model", {})
         diffs = {k: (saved.get(k), v) for k, v in dataclasses.asdict(model).items() if saved.get(k) != v}
         if diffs:
             listed = ", ".join(f"model.{k}: checkpoint {a!r} vs run {b!r}" for k, (a, b) in sorted(diffs.items()))
             raise CheckpointMismatchError(
-                f"{self.directory}/{step} was written for another architecture ({listed}). Use a fresh run_dir, "
+                f"{path} was written for another architecture ({listed}). Use a fresh run_dir, "
                 "or the overrides the checkpoint was trained with."
             )
-        args = ocp.args.Composite(
+        items = dict(
             params=ocp.args.StandardRestore(_abstract(params)),
-            biases=ocp.args.StandardRestore(_abstract(biases)),
             opt_state=ocp.args.StandardRestore(_abstract(opt_state)),
             data=ocp.args.JsonRestore(),
         )
+        if _has_leaves(biases):
+            items["biases"] = ocp.args.StandardRestore(_abstract(biases))
         try:
-            restored = self.manager.restore(step, args=args)
+            restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:  # noqa: BLE001 - damaged files or another optimizer layout: name the step and the cause
-            raise CheckpointMismatchError(
-                f"{self.directory}/{step}: cannot be restored into this run's state ({type(e).__name__}: {e}). The "
-                "checkpoint is damaged, or was written with another optimizer configuration; delete that step "
-                "directory to resume from the previous one."
-            ) from e
+            raise DamagedCheckpointError(f"{path}: cannot be restored into this run's state ({_first_line(e)})") from e
         return dict(
             params=restored["params"],
-            biases=restored["biases"],
+            biases=restored["biases"] if _has_leaves(biases) else biases,
             opt_state=restored["opt_state"],
             data_state=restored["data"],
             step=meta["step"],
             seed=meta["seed"],
         )
+
+    def restore_latest(self, *, params, biases, opt_state, model: ErnieConfig) -> dict[str, Any] | None:
+        """The newest step that restores; None when there is no checkpoint yet.
+
+        A step that cannot be read back (a disk filled up, a file truncated or deleted by hand) is moved aside to
+        `damaged-<step>` with a warning naming it, and the next older step is tried: the run loses one checkpoint
+        interval, not everything. A step written for another architecture is not damage and still stops the run.
+
+        Raises:
+            CheckpointMismatchError: the newest readable step belongs to another architecture.
+            DamagedCheckpointError: checkpoints exist but none of them is intact (they are all moved aside).
+        """
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        damaged = []
+        for step in steps:
+            try:
+                return self.restore(step, params=params, biases=biases, opt_state=opt_state, model=model)
+            except DamagedCheckpointError as e:
+                aside = self._move_aside(step)
+                damaged.append(aside)
+                log.warning("%s; moved it to %s and trying the previous step", e, aside)
+        if damaged:
+            raise DamagedCheckpointError(
+                f"{self.directory}: no intact checkpoint (damaged steps moved to {', '.join(damaged)}); run the "
+                "same command again to start from step 0"
+            )
+        return None
+
+    def _move_aside(self, step: int) -> str:
+        source = os.path.join(self.directory, str(step))
+        target = os.path.join(self.directory, f"damaged-{step}")
+        n = 1
+        while os.path.exists(target):
+            n += 1
+            target = os.path.join(self.directory, f"damaged-{step}.{n}")
+        os.replace(source, target)
+        self.manager.reload()
+        return target
 
     def wait(self) -> None:
         self.manager.wait_until_finished()
@@ -111,8 +152,15 @@ class TrainCheckpointer:
         self.manager.close()
 
 
-def write_json(path: str, obj: Any) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
+class DamagedCheckpointError(CheckpointMismatchError):
+    """A finalised step whose files cannot be read back."""
+
+
+def _has_leaves(tree) -> bool:
+    return bool(jax.tree.leaves(tree))
+
+
+def _first_line(error: BaseException, limit: int = 300) -> str:
+    text = str(error).strip().splitlines()
+    line = text[0] if text else ""
+    return f"{type(error).__name__}: {line[:limit]}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 
@@ -47,13 +48,17 @@ def peak_flops_per_device(dtype=jnp.float32) -> tuple[float, str]:
 class MetricsWriter:
     """Appends one JSON object per logged step to run_dir/metrics.jsonl and writes TensorBoard scalars."""
 
-    def __init__(self, run_dir: str, enabled: bool = True):
+    def __init__(self, run_dir: str, enabled: bool = True, resume_step: int = 0):
+        """`resume_step`: the step the run resumes from. Rows logged after it by the interrupted run (steps the
+        resumed run trains again) are dropped, so every step appears once."""
         self.enabled = enabled
         self._tb = None
         if not enabled:
             return
         os.makedirs(run_dir, exist_ok=True)
-        self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")  # noqa: SIM115 - closed in close()
+        path = os.path.join(run_dir, "metrics.jsonl")
+        _drop_rows_after(path, resume_step)
+        self._jsonl = open(path, "a")  # noqa: SIM115 - closed in close()
         try:
             from tensorboardX import SummaryWriter
 
@@ -66,12 +71,13 @@ class MetricsWriter:
             return
         self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
         self._jsonl.flush()
-        if self._tb is not None:
+        if self._tb is not None:  # non-finite values stay in the jsonl (TensorBoard would warn on every one)
             for k, v in scalars.items():
                 if isinstance(v, list):
                     for i, x in enumerate(v):
-                        self._tb.add_scalar(f"{k}/moe_layer_{i}", x, step)
-                else:
+                        if math.isfinite(x):
+                            self._tb.add_scalar(f"{k}/moe_layer_{i}", x, step)
+                elif math.isfinite(v):
                     self._tb.add_scalar(k, v, step)
 
     def close(self) -> None:
@@ -79,3 +85,23 @@ class MetricsWriter:
             self._jsonl.close()
             if self._tb is not None:
                 self._tb.close()
+
+
+def _drop_rows_after(path: str, step: int) -> None:
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    keep = []
+    for line in lines:
+        try:
+            row_step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut short by a kill -9
+        if row_step <= step:
+            keep.append(line if line.endswith("\n") else line + "\n")
+    if len(keep) != len(lines):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(keep)
+        os.replace(tmp, path)

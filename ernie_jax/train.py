@@ -11,7 +11,6 @@ import argparse
 import logging
 import os
 import signal
-import sys
 import time
 
 import jax
@@ -21,11 +20,19 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 import sharding
-from ernie_jax.checkpointing import TrainCheckpointer
-from ernie_jax.config import human_count
-from ernie_jax.data import iterator_state, make_iterator, make_tokenizer, restore_iterator
+from ernie_jax.checkpointing import CheckpointMismatchError, TrainCheckpointer
+from ernie_jax.config import ConfigError, human_count
+from ernie_jax.console import fail, setup_logging
+from ernie_jax.data import (
+    BadRecordError,
+    iterator_state,
+    make_iterator,
+    make_tokenizer,
+    restore_iterator,
+    skipped_records,
+)
 from ernie_jax.generate import greedy
-from ernie_jax.hf.checkpoint import from_pretrained, save_pretrained
+from ernie_jax.hf.checkpoint import CheckpointError, from_pretrained, save_pretrained, saved_dtype
 from ernie_jax.metrics import MetricsWriter, peak_flops_per_device
 from ernie_jax.model import ErnieForCausalLM
 from ernie_jax.optim import lr_schedule, make_optimizer
@@ -106,15 +113,118 @@ def place_batch(batch: dict[str, np.ndarray], batch_sharding) -> dict[str, jax.A
     return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
 
 
+class RunStopped(Exception):
+    """The run cannot go on; `message` is one line for the user, `exit_code` what the process returns."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+# Exit codes of `python -m ernie_jax.train` (documented in the README).
+EXIT_CONFIG = 2  # a bad config, override, data source or checkpoint: nothing was trained
+EXIT_NONFINITE = 3  # nonfinite=stop hit a non-finite step, or every update of the run was skipped
+EXIT_BAD_RECORD = 4  # data.on_bad_record=stop met a bad record (a checkpoint was saved first)
+EXIT_SIGNAL_BASE = 128  # SIGTERM -> 143, SIGINT -> 130, after saving a checkpoint
+
+
+def check_vocab(model_vocab: int, tokenizer, source: str) -> None:
+    """Token ids past the embedding table read out of bounds (NaN from the first step): refuse before step 1."""
+    if tokenizer.vocab_size > model_vocab:
+        raise RunStopped(
+            f"model.vocab_size: the model has {model_vocab} token ids but the tokenizer ({source}) has "
+            f"{tokenizer.vocab_size}; set model.vocab_size={-(-tokenizer.vocab_size // 128) * 128} or use a "
+            "matching data.tokenizer",
+            EXIT_CONFIG,
+        )
+
+
+def open_data(cfg: TrainConfig):
+    """The tokenizer and a fresh iterator; a missing file or a wrong field is a config error, said in one line."""
+    try:
+        return make_tokenizer(cfg.data), make_iterator(
+            cfg.data, process_index=jax.process_index(), process_count=jax.process_count()
+        )
+    except (OSError, ValueError) as e:
+        raise RunStopped(f"data: {e}", EXIT_CONFIG) from e
+
+
+def bad_record(error: BaseException) -> BadRecordError | None:
+    """The BadRecordError behind an error from the data iterator (Grain may re-raise it wrapped)."""
+    while error is not None:
+        if isinstance(error, BadRecordError):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+class StepChecker:
+    """Host-side bookkeeping of finished steps: counts non-finite (skipped) updates, stops on them if asked.
+
+    The jitted step never applies a non-finite update, so the state (and every checkpoint) stays finite; this
+    only decides what to tell the user. A step is checked one step late, so reading its flag never stalls the
+    device; steps that are logged or saved are checked at once.
+    """
+
+    WARN_FIRST = 5
+    STUCK_AFTER = 10  # this many skipped updates in a row at the end of a run: it is stuck, not unlucky
+
+    def __init__(self, policy: str):
+        self.policy, self.skipped, self.checked, self.trailing = policy, 0, 0, 0
+        self.pending: tuple[int, dict] | None = None
+
+    @property
+    def failed(self) -> bool:
+        """More than half of the updates were skipped, or the run ended on a streak of them: it did not train."""
+        return self.skipped * 2 > self.checked or self.trailing >= self.STUCK_AFTER
+
+    def finish(self, step: int, metrics: dict) -> None:
+        self.checked += 1
+        if bool(metrics["finite"]):
+            self.trailing = 0
+            return
+        self.skipped += 1
+        self.trailing += 1
+        what = f"step {step}: loss {float(metrics['loss']):.4g}, grad norm {float(metrics['grad_norm']):.4g}"
+        if self.policy == "stop":
+            raise RunStopped(
+                f"{what} is not finite (nonfinite=stop); the update was not applied and the last checkpoint is "
+                "intact. Lower optim.lr or raise optim.warmup_steps, or set nonfinite=skip",
+                EXIT_NONFINITE,
+            )
+        if self.skipped <= self.WARN_FIRST:
+            more = "; further skips are only counted" if self.skipped == self.WARN_FIRST else ""
+            log.warning("%s is not finite: update skipped (nonfinite=skip)%s", what, more)
+
+    def defer(self, step: int, metrics: dict) -> None:
+        self.flush()
+        self.pending = (step, metrics)
+
+    def flush(self) -> None:
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            self.finish(*pending)
+
+
 def train(cfg: TrainConfig, name: str = "custom", *, progress: bool = True) -> dict:
-    """Run (or resume) training; returns a summary dict (first/last loss, steps, tokens/s, wall time)."""
+    """Run (or resume) training; returns a summary dict (first/last loss, steps, tokens/s, wall time).
+
+    Raises:
+        RunStopped: the run could not start or had to stop (a bad config or record, a non-finite step with
+            nonfinite=stop); the message says why and what to change.
+    """
     started = time.perf_counter()
     mesh = sharding.make_mesh(**cfg.mesh.sizes)
     is_main = jax.process_index() == 0
-    model = build_model(cfg, mesh)
+    try:
+        model = build_model(cfg, mesh)
+    except CheckpointError as e:
+        raise RunStopped(f"--init-from-hf: {e}", EXIT_CONFIG) from e
     model_cfg = model.config  # with --init-from-hf, the checkpoint's architecture (not the preset's model)
     if model_cfg != cfg.model:
         log.info("Model architecture from %s differs from the preset's; using the checkpoint's", cfg.init_from_hf)
+    tokenizer, data = open_data(cfg)
+    check_vocab(model_cfg.vocab_size, tokenizer, cfg.data.tokenizer)
     graphdef, params, biases = split_model(model)
     del model
     optimizer = make_optimizer(cfg.optim, cfg.steps, params)
@@ -124,25 +234,26 @@ def train(cfg: TrainConfig, name: str = "custom", *, progress: bool = True) -> d
     # Adam moments on their parameters' shardings, scalars replicated (jit alone would leave them unsharded).
     opt_sh = opt_state_shardings(optimizer, params, param_sh, mesh)
     opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(params)
-    n_params = model_cfg.num_params()
     log.info(
         "%s: %s params (%s active), mesh %s, %d %s device(s)",
         name,
-        human_count(n_params),
+        human_count(model_cfg.num_params()),
         human_count(model_cfg.num_active_params()),
         dict(mesh.shape),
         jax.device_count(),
         jax.default_backend(),
     )
 
-    data = make_iterator(cfg.data, process_index=jax.process_index(), process_count=jax.process_count())
     ckpt = TrainCheckpointer(
         os.path.join(cfg.run_dir, "checkpoints"), keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save
     )
     step = 0
-    latest = ckpt.latest_step()
-    if latest is not None:
-        restored = ckpt.restore(latest, params=params, biases=biases, opt_state=opt_state, model=model_cfg)
+    try:
+        restored = ckpt.restore_latest(params=params, biases=biases, opt_state=opt_state, model=model_cfg)
+    except CheckpointMismatchError as e:
+        ckpt.close()
+        raise RunStopped(str(e), EXIT_CONFIG) from e
+    if restored is not None:
         params, biases, opt_state, step = (
             restored["params"],
             restored["biases"],
@@ -152,38 +263,85 @@ def train(cfg: TrainConfig, name: str = "custom", *, progress: bool = True) -> d
         data = restore_iterator(
             cfg.data, restored["data_state"], process_index=jax.process_index(), process_count=jax.process_count()
         )
-        log.info("Resumed from %s at step %d", ckpt.directory, step)
+        log.info("Resumed from %s at step %d", os.path.join(ckpt.directory, str(step)), step)
 
     batch_sh = batch_sharding(cfg, mesh)
     step_fn = jit_train_step(cfg, graphdef, optimizer, mesh, param_sh, bias_sh, opt_sh)
 
     stop = {"signal": None}
 
-    def on_sigterm(signum, frame):  # preemption: finish this step, checkpoint, exit
+    def on_signal(signum, frame):  # preemption or Ctrl-C: finish this step, checkpoint, exit non-zero
+        if stop["signal"] is not None:  # a second Ctrl-C: the user does not want to wait for the save
+            raise KeyboardInterrupt
         stop["signal"] = signum
+        log.warning("%s: saving a checkpoint after this step, then stopping", signal.Signals(signum).name)
 
-    previous_handler = signal.signal(signal.SIGTERM, on_sigterm)
-    writer = MetricsWriter(cfg.run_dir, enabled=is_main)
+    previous_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    writer = MetricsWriter(cfg.run_dir, enabled=is_main, resume_step=step)
     flops_per_token = model_flops_per_token(model_cfg, cfg.data.seq_len)
     peak, peak_source = peak_flops_per_device(jnp.dtype(cfg.dtype))
     log.info("MFU is measured against %.3g FLOP/s per device (%s)", peak, peak_source)
     tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len
     summary: dict = {"start_step": step, "first_loss": None, "last_loss": None}
-    bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=not (progress and is_main), unit="step")
+    show_bar = progress and is_main and step < cfg.steps
+    bar = tqdm(total=cfg.steps, initial=step, desc="train", disable=not show_bar, unit="step")
     window_start, window_steps = time.perf_counter(), 0
-    skipped = 0
+    checker = StepChecker(cfg.nonfinite)
+    last_saved = step if restored is not None else None
+
+    def save(at_step: int, data_state: dict) -> None:
+        nonlocal last_saved
+        if last_saved == at_step:
+            return
+        ckpt.save(
+            at_step,
+            params=params,
+            biases=biases,
+            opt_state=opt_state,
+            data_state=data_state,
+            model=model_cfg,
+            seed=cfg.seed,
+            force=True,
+        )
+        last_saved = at_step
+
     try:
         with sharding.use_mesh(
             mesh, moe_transport=cfg.mesh.moe_transport, moe_buffer_factor=cfg.mesh.moe_buffer_factor
         ):
             while step < cfg.steps:
-                batch = place_batch(next(data), batch_sh)
-                params, biases, opt_state, metrics = step_fn(params, biases, opt_state, batch, jnp.int32(step))
+                data_state = iterator_state(data)  # where the data stood after `step` batches (cheap)
+                try:
+                    host_batch = next(data)
+                except Exception as e:
+                    record = bad_record(e)
+                    if record is None:
+                        raise
+                    checker.flush()
+                    saved = ""
+                    if step > summary["start_step"]:
+                        save(step, data_state)
+                        saved = f"Checkpoint saved at step {step}. "
+                    raise RunStopped(
+                        f"{record} (data.on_bad_record=stop). {saved}Fix or remove the record and run the same "
+                        "command, or add data.on_bad_record=skip, to go on",
+                        EXIT_BAD_RECORD,
+                    ) from e
+                params, biases, opt_state, metrics = step_fn(
+                    params, biases, opt_state, place_batch(host_batch, batch_sh), jnp.int32(step)
+                )
                 step += 1
                 window_steps += 1
                 bar.update(1)
                 last = step == cfg.steps
-                if step % cfg.log_every == 0 or last or step == summary["start_step"] + 1:
+                log_now = step % cfg.log_every == 0 or last or step == summary["start_step"] + 1
+                save_now = step % cfg.checkpoint.every == 0 or last or stop["signal"] is not None
+                if not (log_now or save_now):
+                    checker.defer(step, metrics)
+                    continue
+                checker.flush()
+                checker.finish(step, metrics)  # before a save: a stopped run never checkpoints the bad step
+                if log_now:
                     scalars = as_metrics_dict(metrics)
                     elapsed = time.perf_counter() - window_start
                     tok_s = tokens_per_step * window_steps / elapsed
@@ -191,15 +349,8 @@ def train(cfg: TrainConfig, name: str = "custom", *, progress: bool = True) -> d
                         tokens_per_s=tok_s,
                         mfu=tok_s * flops_per_token / (peak * jax.device_count()),
                         lr=float(schedule(step - 1)),
+                        skipped_steps=checker.skipped,
                     )
-                    if not scalars["finite"]:
-                        skipped += 1
-                        if cfg.nonfinite == "stop":
-                            raise FloatingPointError(
-                                f"step {step}: loss {scalars['loss']} / grad norm {scalars['grad_norm']} is not "
-                                "finite; lower optim.lr, or set nonfinite=skip to skip such updates"
-                            )
-                        log.warning("step %d: non-finite loss or gradient; update skipped", step)
                     if scalars.get("moe_dropped", 0) > 0:
                         log.warning(
                             "step %d: the bounded expert-parallel buffer dropped %d expert assignments; raise "
@@ -212,61 +363,109 @@ def train(cfg: TrainConfig, name: str = "custom", *, progress: bool = True) -> d
                     writer.write(step, scalars)
                     bar.set_postfix(loss=f"{scalars['loss']:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{scalars['mfu']:.1%}")
                     window_start, window_steps = time.perf_counter(), 0
-                if step % cfg.checkpoint.every == 0 or last or stop["signal"]:
-                    ckpt.save(
-                        step,
-                        params=params,
-                        biases=biases,
-                        opt_state=opt_state,
-                        data_state=iterator_state(data),
-                        model=model_cfg,
-                        seed=cfg.seed,
-                        force=True,
-                    )
-                if stop["signal"]:
-                    log.warning("SIGTERM: checkpoint saved at step %d; run the same command to resume", step)
+                if save_now or stop["signal"] is not None:  # a signal may have come in while logging
+                    save(step, iterator_state(data))
+                if stop["signal"] is not None:
                     break
+            checker.flush()
+            if stop["signal"] is not None:  # it may also have come in after this step's save
+                save(step, iterator_state(data))
     finally:
         bar.close()
         ckpt.close()
         writer.close()
-        signal.signal(signal.SIGTERM, previous_handler)
+        for sig, handler in previous_handlers.items():
+            signal.signal(sig, handler)
     summary.update(
-        end_step=step, wall_s=time.perf_counter() - started, skipped_steps=skipped, checkpoint_dir=ckpt.directory
+        end_step=step,
+        wall_s=time.perf_counter() - started,
+        skipped_steps=checker.skipped,
+        steps_run=checker.checked,
+        training_failed=checker.failed,
+        skipped_records=skipped_records(data),
+        checkpoint_dir=ckpt.directory,
+        interrupted_by=stop["signal"],
     )
+    if stop["signal"] is not None:
+        log.warning(
+            "%s: checkpoint saved at step %d of %d; run the same command to resume%s",
+            signal.Signals(stop["signal"]).name,
+            step,
+            cfg.steps,
+            " (export_hf is written when a run finishes)" if cfg.export_hf else "",
+        )
+        return summary
     model = nnx.merge(graphdef, params, biases)
-    if cfg.sample_tokens and is_main and not stop["signal"]:
-        tok = make_tokenizer(cfg.data)
-        with sharding.use_mesh(mesh):
-            ids = greedy(model, [tok.bos_id, *tok.encode(cfg.sample_prompt)], cfg.sample_tokens, eos_id=tok.eos_id)
-        summary["sample"] = tok.decode(ids[1:])
-    if cfg.export_hf and not stop["signal"]:
-        save_pretrained(model, cfg.export_hf, dtype=jnp.bfloat16, progress=progress and is_main)
-        log.info("Exported the trained model to %s (Hugging Face format)", cfg.export_hf)
+    if cfg.sample_tokens and is_main:
+        with sharding.use_mesh(
+            mesh, moe_transport=cfg.mesh.moe_transport, moe_buffer_factor=cfg.mesh.moe_buffer_factor
+        ):
+            prompt = [tokenizer.bos_id, *tokenizer.encode(cfg.sample_prompt)]
+            ids = greedy(model, prompt, cfg.sample_tokens, eos_id=tokenizer.eos_id)
+        summary["sample"] = tokenizer.decode(ids[1:])
+    if cfg.export_hf:
+        dtype = export_dtype(cfg)
+        save_pretrained(model, cfg.export_hf, dtype=dtype, progress=progress and is_main)
+        log.info("Exported the trained model to %s (Hugging Face format, %s)", cfg.export_hf, jnp.dtype(dtype).name)
     return summary
 
 
+def export_dtype(cfg: TrainConfig):
+    """export_dtype=auto: the --init-from-hf checkpoint's own dtype, else bfloat16."""
+    name = cfg.export_dtype
+    if name == "auto":
+        name = (cfg.init_from_hf and saved_dtype(cfg.init_from_hf)) or "bfloat16"
+    return jnp.dtype(name)
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    cfg, args = parse_args(argv)
-    initialize_distributed(args)
-    check_devices(cfg, args.config)
-    summary = train(cfg, args.config)
-    if jax.process_index() == 0:
-        if summary["first_loss"] is not None:
-            print(
-                f"loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f} over steps "
-                f"{summary['start_step']}..{summary['end_step']} in {summary['wall_s']:.0f} s; "
-                f"checkpoint in {summary['checkpoint_dir']}"
-            )
-        else:
-            print(
-                f"already at step {summary['end_step']} (steps={cfg.steps}); checkpoint in "
-                f"{summary['checkpoint_dir']}. Raise steps=... to train further."
-            )
-        if "sample" in summary:
-            print(f"sample: {summary['sample']!r}")
-    return 0
+    setup_logging()
+    try:
+        cfg, args = parse_args(argv)
+        initialize_distributed(args)
+        check_devices(cfg, args.config)
+        summary = train(cfg, args.config)
+    except ConfigError as e:
+        return fail(str(e), EXIT_CONFIG)
+    except RunStopped as e:
+        return fail(str(e), e.exit_code)
+    if jax.process_index() != 0:
+        return exit_code(summary)
+    if summary["first_loss"] is not None:
+        print(
+            f"loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f} over steps "
+            f"{summary['start_step']}..{summary['end_step']} in {summary['wall_s']:.0f} s; "
+            f"checkpoint in {summary['checkpoint_dir']}"
+        )
+    elif summary["steps_run"] == 0:
+        print(
+            f"already at step {summary['end_step']} (steps={cfg.steps}); checkpoint in "
+            f"{summary['checkpoint_dir']}. Raise steps=... to train further."
+        )
+    if summary["skipped_records"]:
+        log.warning("skipped %d bad data records (data.on_bad_record=skip)", summary["skipped_records"])
+    if summary["skipped_steps"]:
+        log.warning(
+            "%d of %d updates were skipped: their loss or gradient was not finite (nonfinite=skip)",
+            summary["skipped_steps"],
+            summary["steps_run"],
+        )
+    if "sample" in summary:
+        print(f"sample: {summary['sample']!r}")
+    code = exit_code(summary)
+    if code == EXIT_NONFINITE:
+        fail(
+            f"{summary['skipped_steps']} of {summary['steps_run']} updates were skipped as non-finite: the run did "
+            "not train. Lower optim.lr or raise optim.warmup_steps (the checkpoint holds the last finite state)",
+            code,
+        )
+    return code
+
+
+def exit_code(summary: dict) -> int:
+    if summary["interrupted_by"] is not None:
+        return EXIT_SIGNAL_BASE + summary["interrupted_by"]
+    return EXIT_NONFINITE if summary["training_failed"] else 0
 
 
 if __name__ == "__main__":

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import re
 import types
 import typing
-from typing import Any
+from typing import Any, Literal
 
 from ernie_jax.config import ConfigError, ErnieConfig
 from ernie_jax.data import DataConfig
@@ -32,7 +33,7 @@ class MeshConfig:
     fsdp: int = 1
     expert: int = 1
     tensor: int = 1
-    moe_transport: str = "allgather"  # "allgather" (CPU/TPU/GPU) or "ragged_a2a" (TPU v4+/GPU)
+    moe_transport: Literal["allgather", "ragged_a2a"] = "allgather"  # ragged_a2a: TPU v4+ and GPU only
     # ragged_a2a receive buffer in units of a device's balanced share (N_local * k rows); 0 = the worst case
     # (N_local * k * EP rows, dropless). Assignments past a bounded buffer are dropped and counted (metric
     # moe_dropped); the buffer's memory and every op over it shrink by EP / factor.
@@ -67,7 +68,7 @@ class OptimConfig:
     lr: float = 3e-4
     min_lr_ratio: float = 0.1
     warmup_steps: int = 100
-    decay: str = "cosine"  # "cosine" | "linear" | "constant"
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
     weight_decay: float = 0.1  # not applied to norms, biases or the router correction bias
     b1: float = 0.9
     b2: float = 0.95
@@ -125,17 +126,22 @@ class TrainConfig:
     steps: int = 300
     seed: int = 0
     run_dir: str = "runs/tiny"  # checkpoints, metrics.jsonl and TensorBoard events go here
-    dtype: str = "float32"  # compute dtype: float32 or bfloat16 (master weights and optimizer state stay fp32)
-    remat: str = "none"  # rematerialisation policy: none, full, dots, dots_all
+    # compute dtype (master weights and optimizer state stay fp32)
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    remat: Literal[tuple(REMAT_POLICIES)] = "none"  # rematerialisation policy
     # LM head + cross-entropy over this many tokens of each sequence at a time, so the [B, T, V] fp32 logits are
     # never live whole (0 = the whole sequence at once). Must divide data.seq_len.
     loss_chunk: int = 0
-    attention_impl: str = "auto"
-    gmm_impl: str = "auto"
+    attention_impl: Literal["auto", "xla", "pallas"] = "auto"
+    gmm_impl: Literal["auto", "xla", "pallas"] = "auto"
     log_every: int = 10
-    nonfinite: str = "skip"  # a non-finite loss or gradient: "skip" the update, or "stop" the run
+    # A step whose loss or gradient is not finite never changes the state. "skip": train on (the count is
+    # reported, and a run that skipped every update fails); "stop": stop the run with an error.
+    nonfinite: Literal["skip", "stop"] = "skip"
     init_from_hf: str | None = None  # start from a Hugging Face checkpoint directory
     export_hf: str | None = None  # write the final model there with save_pretrained
+    # dtype of the exported tensors; "auto": the dtype of the --init-from-hf checkpoint, else bfloat16
+    export_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     sample_prompt: str = "The "
     sample_tokens: int = 64  # greedy sample printed at the end (0 = none)
     # Devices the preset is meant for ("cpu", "tpu", "gpu") and how many; a run elsewhere stops with advice.
@@ -159,20 +165,6 @@ class TrainConfig:
             "optim.grad_accum",
             f"{self.optim.grad_accum} must divide data.global_batch_size={self.data.global_batch_size}",
         )
-        tokenizer_vocab = _tokenizer_vocab(self.data)
-        _require(
-            tokenizer_vocab is None or tokenizer_vocab <= self.model.vocab_size,
-            "model.vocab_size",
-            f"{self.model.vocab_size} is smaller than the tokenizer's vocabulary ({tokenizer_vocab})",
-        )
-
-
-def _tokenizer_vocab(data: DataConfig) -> int | None:
-    if data.tokenizer != "bytes":
-        return None  # a SentencePiece model is read when the run starts
-    from ernie_jax.data import vocab_size_for
-
-    return vocab_size_for(data)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -204,6 +196,11 @@ def _parse_value(text: str, annotation: Any, field: str) -> Any:
     hints = tuple(h for h in hints if h is not type(None))
     target = hints[0] if hints else str
     origin = typing.get_origin(target)
+    if origin is Literal:
+        choices = typing.get_args(target)
+        if text not in choices:
+            raise ConfigError(f"{field}: {text!r} is not one of {', '.join(map(str, choices))}")
+        return text
     try:
         if target is bool:
             if text.lower() in ("1", "true", "yes", "on"):
@@ -241,7 +238,14 @@ def apply_overrides(cfg: Any, overrides: list[str], prefix: str = "") -> Any:
             changes[head] = _parse_value(value, hints[head], prefix + head)
     for head, items in by_head.items():
         changes[head] = apply_overrides(getattr(cfg, head), items, prefix=f"{prefix}{head}.")
-    return dataclasses.replace(cfg, **changes)
+    try:
+        return dataclasses.replace(cfg, **changes)
+    except ValueError as e:
+        # Nested configs name their fields by class ("DataConfig.seq_len"); say it the way it was typed.
+        message = re.sub(rf"\b{type(cfg).__name__}\.", prefix, str(e))
+        if not prefix:
+            message = re.sub(r"\bTrainConfig\.", "", message)
+        raise ConfigError(message) from None
 
 
 def describe_fields(cfg: Any, prefix: str = "") -> list[str]:
@@ -253,6 +257,10 @@ def describe_fields(cfg: Any, prefix: str = "") -> list[str]:
         if dataclasses.is_dataclass(value):
             lines += describe_fields(value, prefix + f.name + ".")
         else:
-            kind = getattr(hints[f.name], "__name__", str(hints[f.name]))
+            hint = hints[f.name]
+            if typing.get_origin(hint) is Literal:
+                kind = " | ".join(map(str, typing.get_args(hint)))
+            else:
+                kind = getattr(hint, "__name__", str(hint))
             lines.append(f"  {prefix}{f.name} ({kind}) = {value!r}")
     return lines

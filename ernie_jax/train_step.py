@@ -143,13 +143,14 @@ def make_train_step(graphdef: nnx.GraphDef, cfg: TrainConfig, optimizer: optax.G
         new_params = optax.apply_updates(params, updates)
         new_biases = _update_biases(biases, metrics_sum["counts"], coef.bias_update_rate)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        if cfg.nonfinite == "skip":  # keep the old state when the step is not finite (the host logs it)
-            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-            new_params, new_opt_state, new_biases = (
-                keep(new_params, params),
-                keep(new_opt_state, opt_state),
-                keep(new_biases, biases),
-            )
+        # A non-finite step never changes the state, whatever cfg.nonfinite says (the host counts it, or stops):
+        # so no checkpoint can be written from a poisoned state.
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        new_params, new_opt_state, new_biases = (
+            keep(new_params, params),
+            keep(new_opt_state, opt_state),
+            keep(new_biases, biases),
+        )
         load = _load_stats(metrics_sum["counts"])
         metrics = dict(
             loss=loss,

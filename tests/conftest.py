@@ -10,3 +10,22 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+
+
+import logging  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def project_logs(caplog):
+    """caplog that also sees the project's loggers, which stop propagating once an entry point set up logging."""
+    from ernie_jax.console import PROJECT_LOGGERS
+
+    loggers = [logging.getLogger(name) for name in PROJECT_LOGGERS]
+    for logger in loggers:
+        logger.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO)
+    yield caplog
+    for logger in loggers:
+        logger.removeHandler(caplog.handler)

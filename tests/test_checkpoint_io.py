@@ -104,7 +104,8 @@ def test_misshaped_tensor_names_both_shapes(moe_checkpoint, tmp_path):
         ernie_jax.from_pretrained(tmp_path, progress=False)
 
 
-def test_mtp_tensors_are_skipped_with_one_log_line(moe_checkpoint, tmp_path, caplog):
+def test_mtp_tensors_are_skipped_with_one_log_line(moe_checkpoint, tmp_path, project_logs):
+    caplog = project_logs
     path, hf = moe_checkpoint
     extra = {
         "model.mtp_linear_proj.0.weight": np.zeros((32, 64), np.float32),

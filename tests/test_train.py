@@ -11,7 +11,6 @@ import pytest
 
 import sharding
 from ernie_jax import train as train_mod
-from ernie_jax.checkpointing import CheckpointMismatchError
 from ernie_jax.config import ConfigError
 from ernie_jax.train_config import apply_overrides, load_preset
 from tests.helpers import SMALL_TRAIN_OVERRIDES
@@ -49,29 +48,15 @@ def test_restore_onto_a_different_mesh(tmp_path):
 
 def test_checkpoint_for_another_architecture_is_refused(tmp_path):
     train_mod.train(small_cfg(tmp_path, "steps=1"), progress=False)
-    with pytest.raises(CheckpointMismatchError, match="model.hidden_size"):
+    with pytest.raises(train_mod.RunStopped, match="model.hidden_size"):
         train_mod.train(small_cfg(tmp_path, "steps=2", "model.hidden_size=32"), progress=False)
 
 
 def test_nonfinite_guard(tmp_path):
-    with pytest.raises(FloatingPointError, match="optim.lr"):
-        train_mod.train(
-            small_cfg(
-                tmp_path / "stop",
-                "steps=6",
-                "optim.lr=1e30",
-                "optim.clip_norm=0",
-                "nonfinite=stop",
-                "optim.warmup_steps=0",
-            ),
-            progress=False,
-        )
-    out = train_mod.train(
-        small_cfg(
-            tmp_path / "skip", "steps=6", "optim.lr=1e30", "optim.clip_norm=0", "nonfinite=skip", "optim.warmup_steps=0"
-        ),
-        progress=False,
-    )
+    nan_run = ["steps=6", "optim.lr=1e30", "optim.clip_norm=0", "optim.warmup_steps=0"]
+    with pytest.raises(train_mod.RunStopped, match="optim.lr"):
+        train_mod.train(small_cfg(tmp_path / "stop", *nan_run, "nonfinite=stop"), progress=False)
+    out = train_mod.train(small_cfg(tmp_path / "skip", *nan_run, "nonfinite=skip"), progress=False)
     assert out["skipped_steps"] > 0 and out["end_step"] == 6
 
 
@@ -175,16 +160,18 @@ def test_damaged_checkpoint_is_named_and_unfinished_save_is_ignored(tmp_path):
     from ernie_jax.checkpointing import TrainCheckpointer
 
     assert TrainCheckpointer(str(ckpts), keep=5).latest_step() == 2
-    # A finalised step whose array files were damaged afterwards is refused with its path, not half-loaded.
+    # A finalised step whose array files were damaged afterwards is never half-loaded: it is moved aside and the
+    # previous step is restored.
     victims = [p for p in (ckpts / "2" / "params").rglob("*") if p.is_file() and p.stat().st_size > 0]
     assert victims
     for p in victims:
         p.write_bytes(b"")
-    with pytest.raises(CheckpointMismatchError, match=r"checkpoints/2"):
-        train_mod.train(small_cfg(tmp_path, "steps=3", "checkpoint.every=1", "checkpoint.keep=5"), progress=False)
+    out = train_mod.train(small_cfg(tmp_path, "steps=3", "checkpoint.every=1", "checkpoint.keep=5"), progress=False)
+    assert out["start_step"] == 1 and (ckpts / "damaged-2").is_dir()
 
 
-def test_micro_batches_that_do_not_divide_over_the_batch_shards_are_warned_about(caplog):
+def test_micro_batches_that_do_not_divide_over_the_batch_shards_are_warned_about(project_logs):
+    caplog = project_logs
     # 16 rows in 4 micro-batches of 4 over 8 batch shards: rows are replicated and their work repeated. Allowed
     # (the result is right), but said.
     from ernie_jax.step_builder import batch_sharding

@@ -20,15 +20,23 @@ from ernie_jax.data.pipeline import (
     make_iterator,
     make_tokenizer,
     restore_iterator,
+    skipped_records,
     vocab_size_for,
 )
-from ernie_jax.data.sources import SUPPORTED_FORMATS, DocumentSource, expand_sources, python_docs_corpus
+from ernie_jax.data.sources import (
+    SUPPORTED_FORMATS,
+    BadRecordError,
+    DocumentSource,
+    expand_sources,
+    python_docs_corpus,
+)
 from ernie_jax.data.tokenizers import ByteTokenizer, SentencePieceTokenizer, Tokenizer, load_tokenizer
 
 __all__ = [
     "BUILTIN_PYTHON_DOCS",
     "SUPPORTED_FORMATS",
     "TXT_SPLITS",
+    "BadRecordError",
     "ByteTokenizer",
     "DataConfig",
     "DocumentSource",
@@ -43,5 +51,6 @@ __all__ = [
     "make_tokenizer",
     "python_docs_corpus",
     "restore_iterator",
+    "skipped_records",
     "vocab_size_for",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 BUILTIN_PYTHON_DOCS = "builtin:python-docs"
 TXT_SPLITS = ("blank_line", "line", "file")
@@ -33,6 +34,9 @@ class DataConfig:
         process_sharding: "documents": each process reads a disjoint 1/P of the documents (scales to any corpus).
             "rows": every process builds the same global stream and keeps its rows of each global batch, so the
             batches do not depend on the number of processes (costs P times the reading; for tests and audits).
+        on_bad_record: A record that cannot be read (malformed JSON, a missing or non-string field, bytes that
+            are not UTF-8): ``"stop"`` raises an error naming its file and line; ``"skip"`` logs it, counts it and
+            reads on. It does not change the stream of good records, so a stopped run can resume with ``"skip"``.
     """
 
     sources: tuple[str, ...] = (BUILTIN_PYTHON_DOCS,)
@@ -45,10 +49,11 @@ class DataConfig:
     num_epochs: int | None = None
     add_bos: bool = False
     add_eos: bool = True
-    txt_split: str = "blank_line"
+    txt_split: Literal["blank_line", "line", "file"] = "blank_line"
     worker_count: int = 0
     read_threads: int = 4
-    process_sharding: str = "documents"
+    process_sharding: Literal["documents", "rows"] = "documents"
+    on_bad_record: Literal["stop", "skip"] = "stop"
 
     def __post_init__(self):
         # A bare string is the most common slip (`sources="a.jsonl"` would otherwise iterate its characters).
@@ -74,6 +79,8 @@ class DataConfig:
             )
         if not isinstance(self.worker_count, int) or self.worker_count < 0:
             raise ValueError(f"DataConfig.worker_count must be an int >= 0, got {self.worker_count!r}")
+        if self.on_bad_record not in ("stop", "skip"):
+            raise ValueError(f"DataConfig.on_bad_record must be 'stop' or 'skip', got {self.on_bad_record!r}")
         if self.txt_split not in TXT_SPLITS:
             raise ValueError(f"DataConfig.txt_split must be one of {TXT_SPLITS}, got {self.txt_split!r}")
 

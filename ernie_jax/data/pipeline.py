@@ -24,9 +24,11 @@ from ernie_jax.data.tokenizers import Tokenizer, load_tokenizer
 
 STATE_FORMAT = "ernie_jax.data/v1"
 # Fields that do not change the token stream a process sees; everything else must match on restore.
-_STATE_NEUTRAL_FIELDS = ("read_threads",)
+_STATE_NEUTRAL_FIELDS = ("read_threads", "on_bad_record")
 # Iterator -> the config fingerprint it was made from, so iterator_state(it) needs nothing but the iterator.
 _FINGERPRINTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# Iterator -> its DocumentSource, for the count of skipped bad records.
+_SOURCES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def make_tokenizer(cfg: DataConfig) -> Tokenizer:
@@ -59,7 +61,9 @@ class _Encode:
     def __init__(self, tokenizer: Tokenizer, add_bos: bool, add_eos: bool):
         self.tokenizer, self.add_bos, self.add_eos = tokenizer, add_bos, add_eos
 
-    def __call__(self, text: str) -> dict[str, np.ndarray] | None:
+    def __call__(self, text: str | None) -> dict[str, np.ndarray] | None:
+        if text is None:  # a bad record that the source skipped
+            return None
         ids = self.tokenizer.encode_array(text)
         parts = [ids]
         if self.add_bos:
@@ -87,7 +91,9 @@ def _not_none(x) -> bool:
     return x is not None
 
 
-def make_dataset(cfg: DataConfig, *, process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+def make_dataset(
+    cfg: DataConfig, *, process_index: int = 0, process_count: int = 1, source: DocumentSource | None = None
+) -> grain.IterDataset:
     """The process's dataset of batches (see `make_iterator`); exposed for composing further Grain stages.
 
     Raises:
@@ -100,7 +106,8 @@ def make_dataset(cfg: DataConfig, *, process_index: int = 0, process_count: int 
         raise ValueError(f"process_index must be in [0, {process_count}), got {process_index!r}")
     batch = local_batch_size(cfg, process_count)
     tokenizer = make_tokenizer(cfg)
-    source = DocumentSource(expand_sources(cfg.sources), text_field=cfg.text_field, txt_split=cfg.txt_split)
+    if source is None:
+        source = document_source(cfg)
     # Equal, disjoint, static shards: drop the last `n % process_count` documents, then take every
     # process_count-th one. Sharding before the shuffle keeps shards disjoint in every epoch.
     by_rows = cfg.process_sharding == "rows"
@@ -151,9 +158,23 @@ def make_iterator(cfg: DataConfig, *, process_index: int = 0, process_count: int
     Processes read disjoint documents. With finite ``num_epochs`` processes may yield different numbers of
     batches (their documents differ in length), so multi-process trainers should run with ``num_epochs=None``.
     """
-    it = iter(make_dataset(cfg, process_index=process_index, process_count=process_count))
+    source = document_source(cfg)
+    it = iter(make_dataset(cfg, process_index=process_index, process_count=process_count, source=source))
     _FINGERPRINTS[it] = _fingerprint(cfg, process_index, process_count)
+    _SOURCES[it] = source
     return it
+
+
+def document_source(cfg: DataConfig) -> DocumentSource:
+    return DocumentSource(
+        expand_sources(cfg.sources), text_field=cfg.text_field, txt_split=cfg.txt_split, on_bad_record=cfg.on_bad_record
+    )
+
+
+def skipped_records(it: grain.DatasetIterator) -> int:
+    """Bad records this process's iterator skipped so far (data.on_bad_record=skip)."""
+    source = _SOURCES.get(it)
+    return source.skipped if source is not None else 0
 
 
 def _fingerprint(cfg: DataConfig, process_index: int, process_count: int) -> dict[str, Any]:

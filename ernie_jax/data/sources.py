@@ -9,6 +9,7 @@ Readers keep per-thread file handles because Grain reads with a thread pool.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import threading
 from collections.abc import Sequence
@@ -17,6 +18,8 @@ import numpy as np
 from etils import epath
 
 from ernie_jax.data.config import BUILTIN_PYTHON_DOCS
+
+log = logging.getLogger(__name__)
 
 SUPPORTED_FORMATS = (".jsonl", ".txt", ".parquet", ".array_record")
 _FORMAT_HELP = (
@@ -85,19 +88,25 @@ def _glob(pattern: str) -> list[str]:
     return sorted(str(p) for p in base_path.glob("/".join(parts[first:])) if p.is_file())
 
 
+class BadRecordError(ValueError):
+    """One record cannot be read as a document. The message starts with `file:line` (or the row or record)."""
+
+
 def _decode_json_text(raw: bytes | str, field: str, where: str) -> str:
     try:
         obj = json.loads(raw)
+    except UnicodeDecodeError as e:
+        raise BadRecordError(f"{where}: not UTF-8 ({e.reason} at byte {e.start})") from e
     except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not valid JSON ({e})") from e
+        raise BadRecordError(f"{where}: not valid JSON ({e})") from e
     if not isinstance(obj, dict) or field not in obj:
         keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-        raise ValueError(f"{where}: no field {field!r} (DataConfig.text_field); found {keys}")
+        raise BadRecordError(f"{where}: no field {field!r} (data.text_field); found {keys}")
     value = obj[field]
     if value is None:
         return ""
     if not isinstance(value, str):
-        raise ValueError(f"{where}: field {field!r} holds {type(value).__name__}, expected a string")
+        raise BadRecordError(f"{where}: field {field!r} holds {type(value).__name__}, expected a string")
     return value
 
 
@@ -141,21 +150,36 @@ class SpanFile:
         self.starts = starts[keep].astype(np.int64)
         self.lengths = (ends[keep] - starts[keep]).astype(np.int64)
         if kind == "jsonl" and len(keep):  # Catch a wrong text_field now, not in a reader thread mid-training.
-            self._decode(data[self.starts[0] : self.starts[0] + self.lengths[0]], 0)
+            try:
+                first = json.loads(data[self.starts[0] : self.starts[0] + self.lengths[0]])
+            except ValueError:
+                first = None  # a bad first line is a bad record, reported (or skipped) when it is read
+            if isinstance(first, dict) and text_field not in first:
+                raise ValueError(f"{path}: no field {text_field!r} (data.text_field); found {sorted(first)}")
         self._handles = _ThreadLocalHandles()
 
     def __len__(self) -> int:
         return len(self.starts)
 
-    def _decode(self, raw: bytes, i: int) -> str:
-        if self.kind == "jsonl":
-            return _decode_json_text(raw, self.text_field, f"{self.path} (document {i})")
-        return raw.decode("utf-8", errors="replace").strip()
+    def _line_of(self, offset: int) -> int:
+        """1-based line number of a byte offset (only computed for an error message)."""
+        f = self._handles.get(self.path)
+        f.seek(0)
+        return f.read(offset).count(b"\n") + 1
 
     def __getitem__(self, i: int) -> str:
+        start = int(self.starts[i])
         f = self._handles.get(self.path)
-        f.seek(int(self.starts[i]))
-        return self._decode(f.read(int(self.lengths[i])), i)
+        f.seek(start)
+        raw = f.read(int(self.lengths[i]))
+        if self.kind == "jsonl":
+            return _decode_json_text(raw, self.text_field, f"{self.path}:{self._line_of(start)}")
+        try:
+            return raw.decode("utf-8").strip()
+        except UnicodeDecodeError as e:
+            raise BadRecordError(
+                f"{self.path}:{self._line_of(start + e.start)}: not UTF-8 text ({e.reason}: byte 0x{raw[e.start]:02x})"
+            ) from None
 
 
 class ParquetFile:
@@ -168,7 +192,13 @@ class ParquetFile:
             meta = pq.ParquetFile(f)
             names = meta.schema_arrow.names
             if text_field not in names:
-                raise ValueError(f"{path}: no column {text_field!r} (DataConfig.text_field); found {names}")
+                raise ValueError(f"{path}: no column {text_field!r} (data.text_field); found {names}")
+            column_type = meta.schema_arrow.field(text_field).type
+            if not _is_arrow_string(column_type):
+                raise ValueError(
+                    f"{path}: column {text_field!r} holds {column_type}, not text; point data.text_field at a "
+                    "string column"
+                )
             counts = [meta.metadata.row_group(g).num_rows for g in range(meta.num_row_groups)]
         self.row_group_ends = np.cumsum(counts, dtype=np.int64)
         self._local = threading.local()
@@ -186,7 +216,7 @@ class ParquetFile:
             cached = self._local.group = (group, rows)
         first = int(self.row_group_ends[group - 1]) if group else 0
         value = cached[1][i - first]
-        return "" if value is None else str(value)
+        return "" if value is None else value
 
     def __getstate__(self):
         return {k: v for k, v in self.__dict__.items() if k != "_local"}
@@ -194,6 +224,13 @@ class ParquetFile:
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._local = threading.local()
+
+
+def _is_arrow_string(arrow_type) -> bool:
+    import pyarrow as pa
+
+    checks = (pa.types.is_string, pa.types.is_large_string, getattr(pa.types, "is_string_view", None))
+    return any(check is not None and check(arrow_type) for check in checks)
 
 
 def _pyarrow_parquet(path: str):
@@ -225,7 +262,10 @@ class ArrayRecordFile:
                 obj = None
             if isinstance(obj, dict):
                 return _decode_json_text(raw, self.text_field, f"{self.path} (record {i})")
-        return raw.decode("utf-8", errors="replace")
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise BadRecordError(f"{self.path} (record {i}): not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def python_docs_corpus() -> list[str]:
@@ -241,12 +281,34 @@ def python_docs_corpus() -> list[str]:
 
 
 class DocumentSource:
-    """All files of a config as one random-access sequence of document strings (a Grain data source)."""
+    """All files of a config as one random-access sequence of document strings (a Grain data source).
 
-    def __init__(self, files: Sequence[str], text_field: str = "text", txt_split: str = "blank_line"):
+    A record that cannot be read raises `BadRecordError` naming its file and line (`on_bad_record="stop"`), or is
+    logged, counted in `skipped` and read as None (`"skip"`), which the pipeline drops. The count is this
+    process's: with Grain worker processes (data.worker_count > 0) the workers' skips are logged, not counted.
+    """
+
+    def __init__(
+        self,
+        files: Sequence[str],
+        text_field: str = "text",
+        txt_split: str = "blank_line",
+        on_bad_record: str = "stop",
+    ):
         self.files = list(files)
+        self.on_bad_record = on_bad_record
         self._parts = [self._open(f, text_field, txt_split) for f in self.files]
         self._ends = np.cumsum([len(p) for p in self._parts], dtype=np.int64)
+        self.skipped = 0
+        self._read = 0
+        self._lock = threading.Lock()
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     @staticmethod
     def _open(path: str, text_field: str, txt_split: str):
@@ -268,7 +330,21 @@ class DocumentSource:
             raise IndexError(f"document {i} out of range [0, {len(self)})")
         part = int(np.searchsorted(self._ends, i, side="right"))
         start = int(self._ends[part - 1]) if part else 0
-        return self._parts[part][i - start]
+        try:
+            document = self._parts[part][i - start]
+        except BadRecordError as e:
+            if self.on_bad_record != "skip":
+                raise
+            with self._lock:
+                self.skipped += 1
+                hopeless = self._read == 0 and self.skipped >= len(self)
+            if hopeless:  # otherwise a repeating stream would search for a readable record forever
+                raise BadRecordError(f"every one of the {len(self)} records read so far was bad; last: {e}") from e
+            log.warning("skipped a bad record (data.on_bad_record=skip): %s", e)
+            return None
+        with self._lock:
+            self._read += 1
+        return document
 
     def __repr__(self):
         return f"DocumentSource({len(self.files)} files, {len(self)} documents)"

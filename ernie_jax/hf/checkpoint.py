@@ -7,6 +7,7 @@ held in host memory, which lets a 21B model load on a host with less RAM than tw
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -23,7 +24,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 import sharding
-from ernie_jax.config import ErnieConfig
+from ernie_jax.config import ConfigError, ErnieConfig
 from ernie_jax.hf.names import TensorMap, is_ignored_hf_key, tensor_maps
 from ernie_jax.model import ErnieForCausalLM, ModelOptions, abstract_model
 
@@ -36,6 +37,25 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
 
 class CheckpointError(ValueError):
     """The checkpoint does not match the config (missing, extra or mis-shaped tensors) or is unreadable."""
+
+
+@contextlib.contextmanager
+def reading_checkpoint(path: str | os.PathLike):
+    """Turn any failure to read `path` into one `CheckpointError` that names it (and keeps the cause chained)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(f"{path}: no such directory; pass a Hugging Face checkpoint directory")
+    if not os.path.isdir(path):
+        raise CheckpointError(
+            f"{path}: is a file; pass the checkpoint directory that holds config.json and the safetensors files"
+        )
+    try:
+        yield path
+    except (CheckpointError, ConfigError):
+        raise
+    except (OSError, ValueError, safetensors.SafetensorError) as e:  # UnicodeDecodeError is a ValueError
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({type(e).__name__}: {first})") from e
 
 
 class SafetensorsReader:
@@ -145,6 +165,22 @@ def from_pretrained(
         The router weight and correction bias always stay fp32.
       mesh: if given, every parameter is placed on its sharding (sharding.rules) as it is read.
     """
+    with reading_checkpoint(path):
+        return _load(path, dtype, mesh, param_dtype, rules, options, progress)
+
+
+def saved_dtype(path: str | os.PathLike) -> str | None:
+    """The dtype a checkpoint's config.json says its tensors were saved in ("bfloat16", ...), if it says."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            hf = json.load(f)
+    except (OSError, ValueError):
+        return None
+    value = hf.get("dtype") or hf.get("torch_dtype")
+    return value if isinstance(value, str) else None
+
+
+def _load(path, dtype, mesh, param_dtype, rules, options, progress) -> ErnieForCausalLM:
     cfg = ErnieConfig.from_hf_config(path)
     reader = SafetensorsReader(path)
     maps = tensor_maps(cfg)
