@@ -9,6 +9,8 @@ runtime_env.configure()  # before any JAX backend starts
 from ernie_jax.config import ARCHITECTURES, ConfigError, ErnieConfig
 from ernie_jax.hf.checkpoint import CheckpointError, from_pretrained, save_pretrained
 from ernie_jax.model import ErnieForCausalLM, ModelOptions, abstract_model
+from ernie_jax.tokenizer import Tokenizer
+from ernie_jax.vl import ErnieVLForConditionalGeneration
 
 __all__ = [
     "ARCHITECTURES",
@@ -16,7 +18,9 @@ __all__ = [
     "ConfigError",
     "ErnieConfig",
     "ErnieForCausalLM",
+    "ErnieVLForConditionalGeneration",
     "ModelOptions",
+    "Tokenizer",
     "abstract_model",
     "from_pretrained",
     "save_pretrained",

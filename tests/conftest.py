@@ -23,9 +23,10 @@ def project_logs(caplog):
     from ernie_jax.console import PROJECT_LOGGERS
 
     loggers = [logging.getLogger(name) for name in PROJECT_LOGGERS]
+    before = [logger.propagate for logger in loggers]
     for logger in loggers:
-        logger.addHandler(caplog.handler)
+        logger.propagate = True
     caplog.set_level(logging.INFO)
     yield caplog
-    for logger in loggers:
-        logger.removeHandler(caplog.handler)
+    for logger, propagate in zip(loggers, before, strict=True):
+        logger.propagate = propagate

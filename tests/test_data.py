@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
 
@@ -143,6 +144,19 @@ def test_sentencepiece_tokenizer_from_checkpoint_dir(tmp_path):
     # SentencePiece normalises whitespace (newlines become spaces), so compare whitespace-collapsed text.
     first = " ".join(tok.decode(batch["input_ids"][0][batch["segment_ids"][0] == 1]).split())
     assert any(first in " ".join(d.split()) for d in docs), first
+
+
+REAL_TOKENIZER = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "ERNIE-4.5-0.3B-Base")
+
+
+@pytest.mark.skipif(not os.path.isdir(REAL_TOKENIZER), reason="the real ERNIE tokenizer files are not in ../shared")
+def test_a_checkpoint_directory_gets_the_ernie_tokenizer():
+    cfg = DataConfig(tokenizer=REAL_TOKENIZER, seq_len=64, global_batch_size=2)
+    tok = make_tokenizer(cfg)
+    assert vocab_size_for(cfg) == 101304 and (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
+    assert tok.encode("<|begin_of_sentence|>User: hi") == [100273, *tok.encode("User: hi")]
+    batch = next(make_iterator(cfg))
+    _check_row_invariants(batch, 64, 2)
 
 
 def test_sentencepiece_missing_model_names_path(tmp_path):

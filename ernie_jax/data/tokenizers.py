@@ -104,7 +104,11 @@ def _id_or(value: int, default: int) -> int:
 
 
 def load_tokenizer(spec: str) -> Tokenizer:
-    """``"bytes"`` or a path to ``tokenizer.model`` / a directory holding it.
+    """``"bytes"``, a Hugging Face checkpoint directory, or a SentencePiece ``.model`` (or a directory holding one).
+
+    A checkpoint directory (``tokenizer.model`` with ``tokenizer_config.json`` beside it, as ERNIE's releases ship)
+    gets `ernie_jax.tokenizer.Tokenizer`: the same ids as transformers, added and special tokens matched whole. Any
+    other SentencePiece model is encoded by SentencePiece itself.
 
     Raises:
         FileNotFoundError: naming the path looked at.
@@ -112,6 +116,10 @@ def load_tokenizer(spec: str) -> Tokenizer:
     if spec == "bytes":
         return ByteTokenizer()
     path = epath.Path(spec)
+    if path.is_dir() and (path / "tokenizer_config.json").is_file():
+        from ernie_jax.tokenizer import Tokenizer as CheckpointTokenizer
+
+        return CheckpointTokenizer.from_pretrained(str(path))
     if path.is_dir():
         path = path / "tokenizer.model"
     if not path.is_file():

@@ -166,7 +166,24 @@ def from_pretrained(
       mesh: if given, every parameter is placed on its sharding (sharding.rules) as it is read.
     """
     with reading_checkpoint(path):
+        if _model_type(path) == VL_MODEL_TYPE:  # the multimodal model has its own bridge (imported late: it uses ours)
+            from ernie_jax import vl
+
+            return vl.from_pretrained(
+                path, dtype, mesh, param_dtype=param_dtype, rules=rules, options=options, progress=progress
+            )
         return _load(path, dtype, mesh, param_dtype, rules, options, progress)
+
+
+VL_MODEL_TYPE = "ernie4_5_vl_moe"
+
+
+def _model_type(path: str) -> str | None:
+    config = os.path.join(path, "config.json")
+    if not os.path.isfile(config):
+        return None  # from_hf_config names the missing file
+    with open(config) as f:
+        return json.load(f).get("model_type")
 
 
 def saved_dtype(path: str | os.PathLike) -> str | None:
@@ -217,21 +234,25 @@ def _hf_tensors(model: ErnieForCausalLM, out_dtype) -> Iterator[tuple[str, Tenso
 
 
 def save_pretrained(
-    model: ErnieForCausalLM,
+    model,
     path: str | os.PathLike,
     *,
     dtype=None,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     progress: bool = True,
 ) -> None:
-    """Write `model` as a transformers checkpoint: config.json plus per-expert safetensors (sharded with an index
-    past `max_shard_bytes`). Files are written under a temporary name and moved into place only when complete,
-    the index last, so an interrupted save never leaves a checkpoint that looks whole.
+    """Write `model` (text or VL) as a transformers checkpoint: config.json plus per-expert safetensors (sharded
+    with an index past `max_shard_bytes`). Files are written under a temporary name and moved into place only when
+    complete, the index last, so an interrupted save never leaves a checkpoint that looks whole.
 
     Args:
       dtype: dtype of the written tensors (default: the model's parameter dtype); router weight and correction
         bias are always written fp32.
     """
+    from ernie_jax import vl
+
+    if isinstance(model, vl.ErnieVLForConditionalGeneration):
+        return vl.save_pretrained(model, path, dtype=dtype, max_shard_bytes=max_shard_bytes, progress=progress)
     path = os.fspath(path)
     cfg = model.config
     flat = dict(nnx.to_flat_state(nnx.state(model)))
