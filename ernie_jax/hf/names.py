@@ -25,7 +25,8 @@ class TensorMap:
     hf_shape: tuple[int, ...]  # shape of each HF tensor
     local_shape: tuple[int, ...]  # shape of our parameter per lead index
     to_local: Callable[[np.ndarray], np.ndarray]
-    to_hf: Callable[[np.ndarray], np.ndarray]
+    to_hf: Callable[[np.ndarray], np.ndarray]  # our slice -> the HF tensor (or its row `part`)
+    part: int | None = None  # our slice is row `part` of an HF tensor shared with another parameter (VL biases)
     keep_fp32: bool = False  # router weight and correction bias are fp32 on disk and in memory
 
     @property

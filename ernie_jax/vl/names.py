@@ -19,30 +19,10 @@ from collections.abc import Callable
 
 import numpy as np
 
+from ernie_jax.hf.names import Path, TensorMap
 from ernie_jax.vl.config import VLConfig
 
-Path = tuple[str | int, ...]
 Transform = tuple[tuple[int, ...], tuple[int, ...], Callable, Callable]  # hf shape, local shape, to_local, to_hf
-
-
-@dataclasses.dataclass(frozen=True)
-class VLTensorMap:
-    path: Path  # our parameter's path in the model state
-    hf_keys: np.ndarray  # object array of HF names, shape = lead dims of our parameter ([], [R] or [R, E])
-    hf_shape: tuple[int, ...]  # shape of each whole HF tensor
-    local_shape: tuple[int, ...]  # our parameter's shape per lead index
-    to_local: Callable[[np.ndarray], np.ndarray]  # whole HF tensor -> our slice
-    to_hf: Callable[[np.ndarray], np.ndarray]  # our slice -> the HF tensor, or its row `part`
-    part: int | None = None  # our slice is row `part` of a HF tensor shared with another parameter
-    keep_fp32: bool = False  # routers and correction biases are fp32 on disk and in memory
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return (*self.hf_keys.shape, *self.local_shape)
-
-    @property
-    def name(self) -> str:
-        return ".".join(map(str, self.path))
 
 
 def _same(shape: tuple[int, ...]) -> Transform:
@@ -178,17 +158,17 @@ def _vision_block(cfg: VLConfig) -> list[_Entry]:
     ]
 
 
-def _single(path: Path, key: str, transform: Transform) -> VLTensorMap:
+def _single(path: Path, key: str, transform: Transform) -> TensorMap:
     hf_shape, local_shape, to_local, to_hf = transform
-    return VLTensorMap(path, np.array(key, dtype=object), hf_shape, local_shape, to_local, to_hf)
+    return TensorMap(path, np.array(key, dtype=object), hf_shape, local_shape, to_local, to_hf)
 
 
-def _stacked(path: Path, entry: _Entry, keys: np.ndarray) -> VLTensorMap:
+def _stacked(path: Path, entry: _Entry, keys: np.ndarray) -> TensorMap:
     hf_shape, local_shape, to_local, to_hf = entry.transform
-    return VLTensorMap(path, keys, hf_shape, local_shape, to_local, to_hf, part=entry.part, keep_fp32=entry.fp32)
+    return TensorMap(path, keys, hf_shape, local_shape, to_local, to_hf, part=entry.part, keep_fp32=entry.fp32)
 
 
-def tensor_maps(cfg: VLConfig) -> list[VLTensorMap]:
+def tensor_maps(cfg: VLConfig) -> list[TensorMap]:
     """Every parameter of `ErnieVLForConditionalGeneration(cfg)` with its HF sources, in a stable order."""
     t, v = cfg.text, cfg.vision
     d, m = t.hidden_size, v.merged_dim
