@@ -1,0 +1,252 @@
+"""The mutation catalogue: deliberate, plausible bugs, each with the tests that must catch it.
+
+Each entry replaces one exact snippet of one file (it must occur exactly once, so an entry whose code moved is
+reported STALE, never silently skipped) and names the pytest targets (files or node ids) to run against the
+mutant. Targets are chosen to be fast and not marked slow or tpu: the quick suite must catch every entry.
+Run with `python -m tests.mutation.run` (see tests/mutation/run.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    file: str
+    original: str
+    replacement: str
+    tests: tuple[str, ...]
+    why: str  # the real bug this stands for
+
+
+REF = "tests/test_references.py::"
+RAGGED = "tests/test_ragged_transport.py::"
+
+MUTATIONS: tuple[Mutation, ...] = (
+    # ------------------------------------------------------------------------------------ from issue 11
+    Mutation(
+        "ce_ignores_loss_mask",
+        "ernie_jax/train_step.py",
+        "return jnp.sum((log_z - target_logit) * mask)",
+        "return jnp.sum(log_z - target_logit)",
+        (REF + "test_masked_cross_entropy_matches_numpy",),
+        "padding and cross-document targets are trained on",
+    ),
+    Mutation(
+        "step_drops_segment_ids_and_positions",
+        "ernie_jax/train_step.py",
+        """            positions=batch["positions"],
+            segment_ids=batch["segment_ids"],
+""",
+        "",
+        (REF + "test_train_step_loss_on_packed_rows_equals_documents_alone",),
+        "attention crosses packed documents and positions run on across them",
+    ),
+    Mutation(
+        "grad_accum_keeps_last_micro_batch",
+        "ernie_jax/train_step.py",
+        "return jax.tree.map(jnp.add, carry, (grads, metrics)), None",
+        "return (grads, metrics), None",
+        (REF + "test_grad_accumulation_equals_one_big_batch",),
+        "only the last micro-batch's gradient is applied",
+    ),
+    Mutation(
+        "nonfinite_step_applied",
+        "ernie_jax/train_step.py",
+        "keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)",
+        "keep = lambda new, old: new",
+        (REF + "test_nonfinite_step_leaves_params_optimizer_state_and_biases_unchanged",),
+        "a NaN step poisons the parameters, the Adam moments and the router biases",
+    ),
+    Mutation(
+        "init_from_hf_ignored",
+        "ernie_jax/train.py",
+        """    if cfg.init_from_hf:
+        return from_pretrained(""",
+        """    if False:
+        return from_pretrained(""",
+        (REF + "test_init_from_hf_with_no_update_exports_the_checkpoint_logits",),
+        "--init-from-hf silently trains from a random init",
+    ),
+    Mutation(
+        "aux_loss_without_E_factor",
+        "ernie_jax/moe.py",
+        "aux = e * jnp.sum(",
+        "aux = jnp.sum(",
+        (REF + "test_router_losses_match_numpy",),
+        "the load-balance loss is E times too small",
+    ),
+    Mutation(
+        "z_loss_not_squared",
+        "ernie_jax/moe.py",
+        "jax.nn.logsumexp(routing.logits, axis=-1) ** 2 * mask",
+        "jax.nn.logsumexp(routing.logits, axis=-1) * mask",
+        (REF + "test_router_losses_match_numpy",),
+        "the router z-loss is mean logsumexp, not its square",
+    ),
+    Mutation(
+        "ragged_a2a_wrong_local_expert",
+        "sharding/expert_parallel.py",
+        "local_ids = jnp.where(seg < ep * e_loc, seg % e_loc, e_loc)",
+        "local_ids = jnp.where(seg < ep * e_loc, seg // ep % e_loc, e_loc)",
+        (RAGGED + "test_ragged_transport_matches_dense_oracle",),
+        "received rows are computed by the wrong local expert",
+    ),
+    Mutation(
+        "rmsnorm_in_bf16",
+        "ernie_jax/layers.py",
+        "x32 = x.astype(jnp.float32)",
+        "x32 = x",
+        (REF + "test_rmsnorm_of_bf16_input_is_computed_in_fp32",),
+        "bf16 activations are normalised in bf16 (transformers normalises in fp32)",
+    ),
+    # ------------------------------------------------------------------------------------ our own
+    Mutation(
+        "rope_rotate_half_pairs",
+        "ernie_jax/layers.py",
+        """pairs = x.astype(jnp.float32).reshape(b, t, n, h // 2, 2)
+    even, odd = pairs[..., 0], pairs[..., 1]""",
+        """pairs = x.astype(jnp.float32).reshape(b, t, n, 2, h // 2)
+    even, odd = pairs[..., 0, :], pairs[..., 1, :]""",
+        (REF + "test_interleaved_rope_matches_numpy",),
+        "Llama's rotate-half pairs (i, i + H/2) instead of ERNIE's interleaved (2i, 2i+1)",
+    ),
+    Mutation(
+        "rope_inv_freq_exponent",
+        "ernie_jax/layers.py",
+        "exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim",
+        "exponents = jnp.arange(0, head_dim // 2, dtype=jnp.float32) / head_dim",
+        (REF + "test_interleaved_rope_matches_numpy",),
+        "frequencies theta^(-i/H) instead of theta^(-2i/H)",
+    ),
+    Mutation(
+        "router_weights_from_biased_scores",
+        "ernie_jax/moe.py",
+        "chosen = jnp.take_along_axis(probs, experts, axis=-1)",
+        "chosen = jnp.take_along_axis(probs + correction_bias.astype(jnp.float32), experts, axis=-1)",
+        (REF + "test_routing_matches_numpy", REF + "test_moe_block_matches_numpy"),
+        "the correction bias leaks into the mixing weights (it must affect selection only)",
+    ),
+    Mutation(
+        "router_selection_ignores_bias",
+        "ernie_jax/moe.py",
+        "jax.lax.top_k(probs + correction_bias.astype(jnp.float32), k)",
+        "jax.lax.top_k(probs, k)",
+        (REF + "test_routing_matches_numpy", REF + "test_moe_block_matches_numpy"),
+        "the aux-free correction bias never changes which experts are chosen",
+    ),
+    Mutation(
+        "renormalise_without_norm_min",
+        "ernie_jax/moe.py",
+        "weights = chosen / jnp.maximum(chosen.sum(axis=-1, keepdims=True), norm_min)",
+        "weights = chosen / chosen.sum(axis=-1, keepdims=True)",
+        (REF + "test_routing_matches_numpy",),
+        "moe_norm_min ignored in the renormalisation",
+    ),
+    Mutation(
+        "shared_experts_weighted",
+        "ernie_jax/moe.py",
+        "y = y + self.shared(flat)",
+        "y = y + self.shared(flat) * routing.weights[:, :1].astype(flat.dtype)",
+        (REF + "test_moe_block_matches_numpy",),
+        "shared experts scaled by a router weight (ERNIE adds them unweighted)",
+    ),
+    Mutation(
+        "aux_counts_from_biased_selection",
+        "ernie_jax/moe.py",
+        "_, unbiased = jax.lax.top_k(routing.probs, k)",
+        "unbiased = routing.experts",
+        (REF + "test_router_losses_match_numpy",),
+        "the aux loss counts the biased selection (Paddle recounts top-k on the unbiased probs)",
+    ),
+    Mutation(
+        "router_stats_ignore_padding",
+        "ernie_jax/moe.py",
+        "mask = jnp.ones((n,), jnp.float32) if token_mask is None else token_mask.astype(jnp.float32)",
+        "mask = jnp.ones((n,), jnp.float32)",
+        (REF + "test_router_losses_match_numpy",),
+        "padding tokens count in the load, the aux loss and the z-loss",
+    ),
+    Mutation(
+        "ortho_loss_rows_not_normalised",
+        "ernie_jax/train_step.py",
+        "w = w / jnp.maximum(jnp.linalg.norm(w, axis=-1, keepdims=True), 1e-12)",
+        "w = w",
+        (REF + "test_router_losses_match_numpy",),
+        "the orthogonal loss on raw rows (Paddle L2-normalises each expert row)",
+    ),
+    Mutation(
+        "causal_mask_off_by_one",
+        "pallas_kernels/flash_attention/reference.py",
+        "mask = (jnp.arange(t)[:, None] + (s - t)) >= jnp.arange(s)[None, :]",
+        "mask = (jnp.arange(t)[:, None] + (s - t)) > jnp.arange(s)[None, :]",
+        (REF + "test_attention_matches_numpy_causal_gqa_and_documents",),
+        "a token cannot attend to itself",
+    ),
+    Mutation(
+        "gqa_wrong_kv_head",
+        "pallas_kernels/flash_attention/reference.py",
+        "qg = q.reshape(b, t, kv, g, h)  # [B, T, K, G, H]",
+        "qg = jnp.swapaxes(q.reshape(b, t, g, kv, h), 2, 3)",
+        (REF + "test_attention_matches_numpy_causal_gqa_and_documents",),
+        "query head n reads kv head n % K instead of n // (N / K)",
+    ),
+    Mutation(
+        "weight_decay_on_norms",
+        "ernie_jax/optim.py",
+        'axes[-1] == "norm"',
+        'axes[-1] == "norms"',
+        (REF + "test_adamw_with_schedule_clipping_and_decay_mask_matches_numpy",),
+        "RMSNorm scales decay towards zero",
+    ),
+    Mutation(
+        "weight_decay_on_biases",
+        "ernie_jax/optim.py",
+        'name in _BIAS_NAMES or name.endswith("_bias")',
+        "name in _BIAS_NAMES",
+        (REF + "test_adamw_with_schedule_clipping_and_decay_mask_matches_numpy",),
+        "MLP biases (gate_bias, up_bias, down_bias) decay",
+    ),
+    Mutation(
+        "lr_warmup_off_by_one",
+        "ernie_jax/optim.py",
+        "warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))",
+        "warmup = min(cfg.warmup_steps + 1, max(total_steps - 1, 0))",
+        (REF + "test_lr_schedule_matches_formula",),
+        "warmup one step too long, every later step's lr shifted",
+    ),
+    Mutation(
+        "clip_elementwise_not_global_norm",
+        "ernie_jax/optim.py",
+        "chain.append(optax.clip_by_global_norm(cfg.clip_norm))",
+        "chain.append(optax.clip(cfg.clip_norm))",
+        (REF + "test_adamw_with_schedule_clipping_and_decay_mask_matches_numpy",),
+        "gradients clipped element by element, changing their direction",
+    ),
+    Mutation(
+        "bias_update_sign_flipped",
+        "ernie_jax/train_step.py",
+        "jnp.sign(jnp.mean(load, axis=-1, keepdims=True) - load)",
+        "jnp.sign(load - jnp.mean(load, axis=-1, keepdims=True))",
+        ("tests/test_train.py::test_aux_free_bias_moves_toward_balance",),
+        "the aux-free update pushes more tokens to overloaded experts",
+    ),
+    Mutation(
+        "packing_positions_not_restarting",
+        "ernie_jax/data/pipeline.py",
+        '"positions": batch["input_ids_positions"].astype(np.int32),',
+        '"positions": np.broadcast_to(np.arange(segment_ids.shape[-1], dtype=np.int32), segment_ids.shape).copy(),',
+        ("tests/test_data.py::test_packing_reconstructs_documents_exactly",),
+        "a packed document's positions continue from the previous document's",
+    ),
+    Mutation(
+        "restore_drops_optimizer_state",
+        "ernie_jax/checkpointing.py",
+        'opt_state=restored["opt_state"],',
+        "opt_state=opt_state,",
+        (REF + "test_checkpoint_restore_returns_the_saved_optimizer_state",),
+        "a resume restarts Adam from zero moments and step 0",
+    ),
+)
