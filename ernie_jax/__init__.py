@@ -7,6 +7,7 @@ runtime_env.configure()  # before any JAX backend starts
 # ruff: noqa: E402
 
 from ernie_jax.config import ARCHITECTURES, ConfigError, ErnieConfig
+from ernie_jax.generation import GenerationConfig, generate
 from ernie_jax.hf.checkpoint import CheckpointError, from_pretrained, save_pretrained
 from ernie_jax.model import ErnieForCausalLM, ModelOptions, abstract_model
 from ernie_jax.tokenizer import Tokenizer
@@ -18,10 +19,12 @@ __all__ = [
     "ConfigError",
     "ErnieConfig",
     "ErnieForCausalLM",
+    "GenerationConfig",
     "ErnieVLForConditionalGeneration",
     "ModelOptions",
     "Tokenizer",
     "abstract_model",
     "from_pretrained",
+    "generate",
     "save_pretrained",
 ]

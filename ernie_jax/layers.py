@@ -8,6 +8,7 @@ leading "layers" axis for `lax.scan`; its forward code sees one layer's slice.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -110,7 +111,8 @@ class Attention(nnx.Module):
             self.bv = make_param(rngs, zeros_init, (kv, h), ("kv_heads", "head_dim"), param_dtype, stack)
             self.bo = make_param(rngs, zeros_init, (d,), ("embed",), param_dtype, stack)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+    def _project_qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Queries [B, T, N, H] and keys, values [B, T, K, H], RoPE applied to queries and keys."""
         x = x.astype(self.dtype)  # [B, T, D]
         q = jnp.einsum("BTD,DNH->BTNH", x, self.wq[...].astype(self.dtype))
         k = jnp.einsum("BTD,DKH->BTKH", x, self.wk[...].astype(self.dtype))
@@ -121,6 +123,16 @@ class Attention(nnx.Module):
             v = v + self.bv[...].astype(self.dtype)
         q = apply_interleaved_rope(q, positions, self.rope_theta)
         k = apply_interleaved_rope(k, positions, self.rope_theta)
+        return q, k, v
+
+    def _project_out(self, out: jax.Array) -> jax.Array:
+        y = jnp.einsum("BTNH,NHD->BTD", out.astype(self.dtype), self.wo[...].astype(self.dtype))
+        if self.use_bias:
+            y = y + self.bo[...].astype(self.dtype)
+        return y
+
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+        q, k, v = self._project_qkv(x, positions)
         attend = lambda q_, k_, v_, seg: pallas_kernels.flash_attention(
             q_, k_, v_, causal=True, segment_ids=seg, implementation=self.attention_impl
         )
@@ -129,10 +141,61 @@ class Attention(nnx.Module):
             out = sharding.sharded_attention(attend, q, k, v, segment_ids, ctx)
         else:
             out = attend(q, k, v, segment_ids)  # [B, T, N, H]
-        y = jnp.einsum("BTNH,NHD->BTD", out.astype(self.dtype), self.wo[...].astype(self.dtype))
-        if self.use_bias:
-            y = y + self.bo[...].astype(self.dtype)
-        return y
+        return self._project_out(out)
+
+    def cached(
+        self, x: jax.Array, positions: jax.Array, layer_cache: LayerKV, fill: jax.Array, row_start: jax.Array
+    ) -> tuple[jax.Array, LayerKV]:
+        """Attention of T new tokens over a KV cache, for generation (prefill: T = prompt, decode: T = 1).
+
+        The new keys and values are written at cache slots fill .. fill+T-1 (the same slots in every row: rows
+        are left-padded), then the queries attend to every filled slot of their row up to their own.
+
+        Args:
+          x: [B, T, D] new tokens' hidden states; positions: [B, T] their RoPE positions.
+          layer_cache: this layer's keys and values, each [B, S, K, H].
+          fill: [] int32, slots already filled.
+          row_start: [B] int32, each row's first real slot (its left padding is never attended to).
+        """
+        q, k, v = self._project_qkv(x, positions)
+        keys = jax.lax.dynamic_update_slice_in_dim(layer_cache.keys, k.astype(layer_cache.keys.dtype), fill, axis=1)
+        values = jax.lax.dynamic_update_slice_in_dim(
+            layer_cache.values, v.astype(layer_cache.values.dtype), fill, axis=1
+        )
+        keys = sharding.shard(keys, "batch", "seq", "kv_heads", "head_dim")  # [B, S, K, H]
+        values = sharding.shard(values, "batch", "seq", "kv_heads", "head_dim")
+        out = cached_attention(q, keys, values, fill, row_start)
+        return self._project_out(out), LayerKV(keys, values)
+
+
+class LayerKV(NamedTuple):
+    """One attention layer's cache (or a layer group's, stacked [R, ...] for the scan): keys, values [B, S, K, H].
+
+    K/V heads are stored once (K of them), not repeated to the N query heads.
+    """
+
+    keys: jax.Array
+    values: jax.Array
+
+
+def cached_attention(q: jax.Array, keys: jax.Array, values: jax.Array, fill: jax.Array, row_start: jax.Array):
+    """Causal GQA attention of queries at slots fill .. fill+T-1 over cache slots [row_start, query slot].
+
+    q [B, T, N, H]; keys, values [B, S, K, H]; fill [] int32; row_start [B] int32 -> [B, T, N, H] in q's dtype.
+    Logits and softmax in fp32, as the training kernels do. A query with no visible slot (a padding position in
+    prefill) gets a uniform average rather than NaN: its output is never read.
+    """
+    b, t, n, h = q.shape
+    s, kv = keys.shape[1], keys.shape[2]
+    grouped = q.reshape(b, t, kv, n // kv, h)  # [B, T, K, G, H]
+    logits = jnp.einsum("BTKGH,BSKH->BKGTS", grouped, keys, preferred_element_type=jnp.float32) * h**-0.5
+    query_slot = fill + jnp.arange(t)  # [T]
+    slot = jnp.arange(s)  # [S]
+    visible = (slot[None, None, :] <= query_slot[None, :, None]) & (slot[None, None, :] >= row_start[:, None, None])
+    logits = jnp.where(visible[:, None, None], logits, jnp.finfo(jnp.float32).min)  # [B, K, G, T, S]
+    probs = jax.nn.softmax(logits, axis=-1).astype(values.dtype)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, values, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, n, h).astype(q.dtype)
 
 
 class MLP(nnx.Module):

@@ -8,7 +8,7 @@ model compiles in about the time of one layer per group.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +16,7 @@ from flax import nnx
 
 import sharding
 from ernie_jax.config import ErnieConfig, LayerKind
-from ernie_jax.layers import MLP, Attention, RMSNorm, make_param, normal_init, zeros_init
+from ernie_jax.layers import MLP, Attention, LayerKV, RMSNorm, make_param, normal_init, zeros_init
 from ernie_jax.moe import MoEBlock, RouterStats
 
 REMAT_POLICIES = {
@@ -75,6 +75,14 @@ class DecoderLayer(nnx.Module):
             y, stats = self.ffn(normed), None
         return h + y.astype(h.dtype), stats
 
+    def cached(self, h, positions, layer_cache: LayerKV, fill, row_start) -> tuple[jax.Array, LayerKV]:
+        """The same block over new tokens with a KV cache (generation); MoE layers stay dropless."""
+        attn_out, layer_cache = self.attn.cached(self.input_norm(h), positions, layer_cache, fill, row_start)
+        h = h + attn_out.astype(h.dtype)  # [B, T, D]
+        normed = self.post_attn_norm(h)
+        y = self.ffn(normed)[0] if self.kind == "moe" else self.ffn(normed)
+        return h + y.astype(h.dtype), layer_cache
+
 
 class LayerGroup(nnx.Module):
     """`repeats` copies of a layer pattern (e.g. (dense, moe)), parameters stacked, run with lax.scan."""
@@ -113,6 +121,22 @@ class LayerGroup(nnx.Module):
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
         h, stats = jax.lax.scan(body, h, state)  # stats: per pattern position, stacked [R, ...] or None
         return h, stats
+
+    def cached(self, h, positions, group_cache: tuple[LayerKV, ...], fill, row_start):
+        """Scan over the layers with their caches (per pattern position, stacked [R, B, S, K, H]) as scan inputs
+        and the updated caches as outputs, so each layer reads and writes only its own slice."""
+        graphdef, state = nnx.split(self.layers)
+
+        def body(carry, layer_inputs):
+            layer_state, caches = layer_inputs
+            layers = nnx.merge(graphdef, layer_state)
+            updated = []
+            for layer, layer_cache in zip(layers, caches, strict=True):
+                carry, layer_cache = layer.cached(carry, positions, layer_cache, fill, row_start)
+                updated.append(layer_cache)
+            return sharding.shard(carry, "batch", "seq", "act_embed"), tuple(updated)
+
+        return jax.lax.scan(body, h, (state, group_cache))
 
 
 class ErnieForCausalLM(nnx.Module):
@@ -187,6 +211,39 @@ class ErnieForCausalLM(nnx.Module):
             return out, {"router_stats": router_stats}
         return out
 
+    def init_cache(self, batch: int, size: int, row_start: jax.Array | None = None, dtype=None) -> KVCache:
+        """An empty KV cache of `size` slots per row: per layer group and pattern position, keys and values
+        [R, B, S, K, H] in the compute dtype. row_start [B]: each row's number of left-padding slots."""
+        cfg = self.config
+        shape = (batch, size, cfg.num_key_value_heads, cfg.resolved_head_dim)
+        dtype = self.dtype if dtype is None else dtype
+
+        def empty(repeats):
+            zeros = jnp.zeros((repeats, *shape), dtype)
+            return sharding.shard(zeros, "layers", "batch", "seq", "kv_heads", "head_dim")
+
+        layers = tuple(
+            tuple(LayerKV(empty(repeats), empty(repeats)) for _ in pattern) for pattern, repeats in cfg.layer_groups
+        )
+        row_start = jnp.zeros((batch,), jnp.int32) if row_start is None else row_start.astype(jnp.int32)
+        return KVCache(layers, jnp.zeros((), jnp.int32), row_start)
+
+    def forward_cached(self, input_ids: jax.Array, positions: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Run T new tokens per row through the model with a KV cache: prefill (the left-padded prompts) or one
+        decode step (T = 1). Returns the final-normed hidden states [B, T, D] (apply `logits_from_hidden` to the
+        positions you need: a prompt's full [B, T, V] logits are large) and the cache with T more slots filled.
+
+        input_ids, positions: [B, T]. Slot `cache.fill + t` of every row receives token t.
+        """
+        h = jnp.take(self.embed[...], input_ids, axis=0).astype(self.dtype)  # [B, T, D]
+        h = sharding.shard(h, "batch", "seq", "act_embed")
+        layers = []
+        for group, group_cache in zip(self.groups, cache.layers, strict=True):
+            h, group_cache = group.cached(h, positions, group_cache, cache.fill, cache.row_start)
+            layers.append(group_cache)
+        h = self.final_norm(h).astype(self.dtype)
+        return h, KVCache(tuple(layers), cache.fill + input_ids.shape[1], cache.row_start)
+
     def logits_from_hidden(self, h: jax.Array) -> jax.Array:
         """The LM head: final-normed hidden states [B, T, D] (any T, e.g. one loss chunk) -> logits [B, T, V]."""
         if self.lm_head is None:
@@ -196,6 +253,19 @@ class ErnieForCausalLM(nnx.Module):
         if self.lm_head_bias is not None:
             logits = logits + self.lm_head_bias[...].astype(self.dtype)
         return logits
+
+
+class KVCache(NamedTuple):
+    """A static-size generation cache. Rows are left-padded so that every row writes the same slot each step.
+
+    layers: per layer group, per pattern position, the group's stacked LayerKV ([R, B, S, K, H] each).
+    fill: [] int32, slots filled so far (the next write slot).
+    row_start: [B] int32, each row's first real slot; slots before it are padding and never attended to.
+    """
+
+    layers: tuple[tuple[LayerKV, ...], ...]
+    fill: jax.Array
+    row_start: jax.Array
 
 
 def moe_layer_stats(cfg: ErnieConfig, router_stats: list) -> RouterStats:

@@ -1,0 +1,192 @@
+"""Generation with a KV cache: one prefill over the left-padded prompts, then a decode loop that runs on device.
+
+Two compiled functions per (model, shapes, sampling) and no per-token Python:
+- `_prefill`: the prompts [B, P] (left-padded, so every row writes the same cache slot each step) run through
+  the model once, filling cache slots 0..P-1 and choosing the first new token of every row.
+- `_decode`: a `lax.while_loop` of single-token steps over the static-size cache, until `max_new_tokens` or every
+  row has stopped. Its state, cache included, is donated, so the cache is updated in place.
+
+Rows keep their own RoPE position (prompt length + tokens so far), their own first real slot (the cache's
+`row_start`) and their own stop flag: a row that emits an EOS token stops, the others go on. Under
+`sharding.use_mesh` the batch and the cache follow the rules table and MoE layers run expert-parallel.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import io_callback
+
+import sharding
+from ernie_jax.generation.sampling import Sampling, choose_tokens
+from ernie_jax.model import KVCache
+
+PROMPT_BUCKET = 16  # prompts are left-padded to a multiple of this, so nearby lengths share one compile
+
+# stream(tokens): called once per step with one entry per prompt, the new token or None once the row has stopped
+StreamFn = Callable[[list[int | None]], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSpec:
+    """Everything static about a decode loop (hashable: part of the compiled functions' cache key)."""
+
+    sampling: Sampling
+    max_new_tokens: int
+    eos_ids: tuple[int, ...]  # empty: never stop early
+    pad_id: int  # written after a row stops
+    record_logits: bool = False  # keep every step's logits (for tests: [B, max_new_tokens, V] fp32)
+    stream: StreamFn | None = None
+
+
+class DecodeState(NamedTuple):
+    cache: KVCache
+    tokens: jax.Array  # [B, M] int32 new tokens, pad_id after a row stops
+    step: jax.Array  # [] int32 tokens chosen so far
+    last: jax.Array  # [B] int32 the latest token, the next step's input
+    position: jax.Array  # [B] int32 the latest token's RoPE position
+    done: jax.Array  # [B] bool
+    seen: jax.Array | None  # [B, V] bool tokens of the row so far, only with a repetition penalty
+    logits: jax.Array | None  # [B, M, V] fp32, only with record_logits
+
+
+class Generated(NamedTuple):
+    """The raw result of `decode_batch`; `generate` turns it into per-prompt lists."""
+
+    tokens: np.ndarray  # [B, M] int32
+    steps: int  # how many of the M columns were produced
+    logits: np.ndarray | None  # [B, M, V] fp32 with record_logits
+    prompt_ids: np.ndarray  # [B, P] the left-padded prompts as run
+    row_start: np.ndarray  # [B] each row's left padding
+
+
+def _stream_to_host(stream: StreamFn, tokens: np.ndarray, was_done: np.ndarray) -> None:
+    stream([None if stopped else int(token) for token, stopped in zip(tokens, was_done, strict=True)])
+
+
+def _choose_and_record(state: DecodeState, logits: jax.Array, key: jax.Array, spec: DecodeSpec) -> DecodeState:
+    """Choose every row's next token from its logits [B, V] fp32 and append it."""
+    token = choose_tokens(logits, jax.random.fold_in(key, state.step), spec.sampling, state.seen)  # [B]
+    token = jnp.where(state.done, spec.pad_id, token)
+    tokens = jax.lax.dynamic_update_slice_in_dim(state.tokens, token[:, None], state.step, axis=1)
+    seen = state.seen
+    if seen is not None:
+        seen = seen.at[jnp.arange(token.shape[0]), token].set(True)
+    recorded = state.logits
+    if recorded is not None:
+        recorded = jax.lax.dynamic_update_slice_in_dim(recorded, logits[:, None], state.step, axis=1)
+    if spec.stream is not None:
+        io_callback(functools.partial(_stream_to_host, spec.stream), None, token, state.done, ordered=True)
+    stops = jnp.isin(token, jnp.asarray(spec.eos_ids, jnp.int32)) if spec.eos_ids else jnp.zeros_like(state.done)
+    return state._replace(
+        tokens=tokens, step=state.step + 1, last=token, done=state.done | stops, seen=seen, logits=recorded
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "spec", "cache_size"))
+def _prefill(graphdef, params, prompt_ids, row_start, done, key, *, spec: DecodeSpec, cache_size: int):
+    """Fill the cache with the prompts [B, P] and choose the first new token of every row."""
+    model = nnx.merge(graphdef, params)
+    batch, width = prompt_ids.shape
+    slot = jnp.arange(width)[None, :]  # [1, P]
+    real = slot >= row_start[:, None]  # [B, P]
+    positions = jnp.maximum(slot - row_start[:, None], 0)  # 0 at each row's first real token
+    cache = model.init_cache(batch, cache_size, row_start)
+    hidden, cache = model.forward_cached(prompt_ids, positions, cache)  # [B, P, D]
+    logits = model.logits_from_hidden(hidden[:, -1:])[:, 0].astype(jnp.float32)  # [B, V]
+    vocab = logits.shape[-1]
+    seen = None
+    if spec.sampling.penalises_repeats:
+        seen = jnp.zeros((batch, vocab), bool).at[jnp.arange(batch)[:, None], prompt_ids].max(real)
+    state = DecodeState(
+        cache=cache,
+        tokens=jnp.full((batch, spec.max_new_tokens), spec.pad_id, jnp.int32),
+        step=jnp.zeros((), jnp.int32),
+        last=jnp.zeros((batch,), jnp.int32),
+        position=width - 1 - row_start,
+        done=done,
+        seen=seen,
+        logits=jnp.zeros((batch, spec.max_new_tokens, vocab), jnp.float32) if spec.record_logits else None,
+    )
+    return _choose_and_record(state, logits, key, spec)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "spec"), donate_argnames=("state",))
+def _decode(graphdef, params, state: DecodeState, key, *, spec: DecodeSpec) -> DecodeState:
+    """Single-token steps on device until max_new_tokens or every row has stopped."""
+    model = nnx.merge(graphdef, params)
+
+    def keep_going(s: DecodeState):
+        return (s.step < spec.max_new_tokens) & ~jnp.all(s.done)
+
+    def one_step(s: DecodeState) -> DecodeState:
+        position = s.position + 1
+        hidden, cache = model.forward_cached(s.last[:, None], position[:, None], s.cache)  # [B, 1, D]
+        logits = model.logits_from_hidden(hidden)[:, 0].astype(jnp.float32)  # [B, V]
+        return _choose_and_record(s._replace(cache=cache, position=position), logits, key, spec)
+
+    return jax.lax.while_loop(keep_going, one_step, state)
+
+
+def batch_multiple() -> int:
+    """Rows the batch must be a multiple of: the active mesh's batch shards (1 without a mesh)."""
+    ctx = sharding.active()
+    if ctx is None:
+        return 1
+    axes = sharding.logical_to_spec(("batch",), ctx.mesh, ctx.rules)[0]
+    axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+    return math.prod(ctx.mesh.shape[a] for a in axes)
+
+
+def decode_batch(
+    model,
+    prompts: Sequence[Sequence[int]],
+    spec: DecodeSpec,
+    *,
+    seed: int = 0,
+) -> Generated:
+    """Prefill and decode `prompts` (token-id lists of any lengths) together; see `generate`."""
+    if not prompts:
+        raise ValueError("generate: no prompts")
+    lengths = [len(p) for p in prompts]
+    if min(lengths) == 0:
+        raise ValueError(f"generate: prompt {lengths.index(0)} is empty; every prompt needs at least one token")
+    vocab = model.config.vocab_size
+    for i, prompt in enumerate(prompts):
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"generate: prompt {i} has token ids outside the vocabulary [0, {vocab}): {bad[:5]}")
+    real_rows = len(prompts)
+    rows = -(-real_rows // batch_multiple()) * batch_multiple()  # a mesh shards the batch: pad with stopped rows
+    width = -(-max(lengths) // PROMPT_BUCKET) * PROMPT_BUCKET
+    prompt_ids = np.full((rows, width), spec.pad_id, np.int32)
+    row_start = np.full((rows,), width - 1, np.int32)  # filler rows: one pad token
+    for i, prompt in enumerate(prompts):
+        prompt_ids[i, width - len(prompt) :] = prompt
+        row_start[i] = width - len(prompt)
+    done = np.arange(rows) >= real_rows
+    graphdef, params = nnx.split(model)
+    key = jax.random.key(seed)
+    cache_size = width + spec.max_new_tokens  # the last step writes slot width + max_new_tokens - 2
+    state = _prefill(graphdef, params, prompt_ids, row_start, done, key, spec=spec, cache_size=cache_size)
+    state = _decode(graphdef, params, state, key, spec=spec)
+    tokens = np.asarray(state.tokens)[:real_rows]
+    logits = None if state.logits is None else np.asarray(state.logits)[:real_rows]
+    return Generated(tokens, int(state.step), logits, prompt_ids[:real_rows], row_start[:real_rows])
+
+
+def new_tokens_per_row(generated: Generated, eos_ids: Sequence[int]) -> list[list[int]]:
+    """Each row's new tokens, up to and including its first EOS."""
+    out = []
+    for row in generated.tokens[:, : generated.steps].tolist():
+        stop = next((i for i, token in enumerate(row) if token in eos_ids), None)
+        out.append(row if stop is None else row[: stop + 1])
+    return out
