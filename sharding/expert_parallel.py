@@ -128,7 +128,9 @@ def _kept_segments(counts: jax.Array, kept: jax.Array) -> jax.Array:
     return jnp.diff(ends, axis=1, prepend=jnp.zeros_like(ends[:, :1]))
 
 
-def _ragged_body(x, experts, weights, w_gate, w_up, w_down, *, expert_fn, ep_axes, d_axes, f_axes, buffer_factor):
+def _ragged_body(
+    x, experts, weights, w_gate, w_up, w_down, *, expert_fn, ep_axes, d_axes, f_axes, buffer_factor, ragged_all_to_all
+):
     if d_axes:
         w_gate = jax.lax.all_gather(w_gate, d_axes, axis=1, tiled=True)
         w_up = jax.lax.all_gather(w_up, d_axes, axis=1, tiled=True)
@@ -153,7 +155,7 @@ def _ragged_body(x, experts, weights, w_gate, w_up, w_down, *, expert_fn, ep_axe
     input_offsets = jnp.cumsum(wanted[me]) - wanted[me]  # my rows stay grouped by destination; a cut keeps a prefix
     output_offsets = (jnp.cumsum(traffic, axis=0) - traffic)[me]  # where my rows land in each receiver's buffer
     recv_sizes = traffic[:, me]
-    received = jax.lax.ragged_all_to_all(
+    received = ragged_all_to_all(
         send_rows,
         _varying_zeros(send_rows, (capacity, d)),
         input_offsets,
@@ -171,7 +173,7 @@ def _ragged_body(x, experts, weights, w_gate, w_up, w_down, *, expert_fn, ep_axe
     if f_axes:
         ys = jax.lax.psum(ys, f_axes)
     back_offsets = (jnp.cumsum(wanted, axis=1) - wanted)[:, me]  # where each source's rows started
-    returned = jax.lax.ragged_all_to_all(
+    returned = ragged_all_to_all(
         ys.astype(x.dtype),
         _varying_zeros(send_rows, (n * k, d)),
         jnp.cumsum(recv_sizes) - recv_sizes,
@@ -199,13 +201,17 @@ def expert_parallel_moe(
     buffer_factor: float = 0.0,
     return_dropped: bool = False,
     check_vma: bool = True,
+    ragged_all_to_all: Callable | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """MoE over `mesh`. x [N, D] tokens; experts, weights [N, k] from routing; expert weights as stored
     (w_gate/w_up [E, D, F], w_down [E, F, D]) with their parameter shardings. Returns [N, D] in x's dtype, and
     with return_dropped the number of assignments dropped (a [] fp32).
 
     Dropless unless transport="ragged_a2a" with buffer_factor > 0, which bounds each device's receive buffer to
-    that many balanced shares (see `buffer_rows`); assignments that do not fit contribute zero and are counted."""
+    that many balanced shares (see `buffer_rows`); assignments that do not fit contribute zero and are counted.
+
+    ragged_all_to_all: a stand-in for `jax.lax.ragged_all_to_all` with its signature, for tests: an emulation from
+    collectives XLA:CPU has lets the ragged transport's bookkeeping execute on CPU."""
     num_experts = w_gate.shape[0]
     token_spec = logical_to_spec(("batch", None), mesh, rules)
     tok_axes = _axes(token_spec[0])
@@ -234,7 +240,7 @@ def expert_parallel_moe(
         )
     gather_tokens = bool(ep_axes) and all(a in tok_axes for a in ep_axes)
     if transport == "ragged_a2a":
-        if mesh.devices.flat[0].platform == "cpu":
+        if ragged_all_to_all is None and mesh.devices.flat[0].platform == "cpu":
             raise NotImplementedError(
                 "moe transport 'ragged_a2a' needs TPU v4+ or GPU: XLA:CPU does not implement ragged-all-to-all. "
                 "Use moe_transport='allgather' on CPU."
@@ -242,7 +248,13 @@ def expert_parallel_moe(
         if not gather_tokens:
             raise ShardingError("moe transport 'ragged_a2a' needs tokens sharded over the expert axes as well")
         body = lambda *a: _ragged_body(
-            *a, expert_fn=expert_fn, ep_axes=ep_axes, d_axes=d_axes, f_axes=f_axes, buffer_factor=buffer_factor
+            *a,
+            expert_fn=expert_fn,
+            ep_axes=ep_axes,
+            d_axes=d_axes,
+            f_axes=f_axes,
+            buffer_factor=buffer_factor,
+            ragged_all_to_all=ragged_all_to_all or jax.lax.ragged_all_to_all,
         )
     elif transport == "allgather":
         if buffer_factor:
