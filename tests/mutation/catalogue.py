@@ -249,4 +249,28 @@ MUTATIONS: tuple[Mutation, ...] = (
         (REF + "test_checkpoint_restore_returns_the_saved_optimizer_state",),
         "a resume restarts Adam from zero moments and step 0",
     ),
+    Mutation(
+        "resume_restarts_data_stream",
+        "ernie_jax/train.py",
+        "        data = restore_iterator(",
+        "        _ignored = restore_iterator(",
+        (REF + "test_resume_onto_another_mesh_continues_the_uninterrupted_run",),
+        "a resumed run trains on the first batches again instead of continuing the stream",
+    ),
+    Mutation(
+        "processes_read_same_documents",
+        "ernie_jax/data/pipeline.py",
+        "[(0 if by_rows else process_index) :: readers]",
+        "[0::readers]",
+        (REF + "test_processes_read_disjoint_parts_of_one_stream",),
+        "every process reads the first process's documents (issue 11: every process reading the same rows)",
+    ),
+    Mutation(
+        "processes_take_same_rows",
+        "ernie_jax/data/pipeline.py",
+        "out = out.map(_TakeRows(process_index * batch, (process_index + 1) * batch))",
+        "out = out.map(_TakeRows(0, batch))",
+        (REF + "test_processes_read_disjoint_parts_of_one_stream",),
+        'with process_sharding="rows", every process trains on the global batch\'s first rows',
+    ),
 )

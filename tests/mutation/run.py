@@ -3,10 +3,13 @@
     python -m tests.mutation.run                  # every mutation in tests/mutation/catalogue.py
     python -m tests.mutation.run --only NAME ...  # just these (repeatable)
     python -m tests.mutation.run --quick          # only each mutation's first test target
+    python -m tests.mutation.run --working-tree   # the files on disk, not the HEAD commit
     python -m tests.mutation.run --list           # names, files and targets, nothing run
 
-Each mutation runs in its own temporary copy of the tracked files (`git ls-files`, so untracked junk and build
-outputs are not copied). The snippet to replace must occur exactly once in its file, else the mutation is reported
+Each mutation runs in its own temporary copy of the repository at HEAD (`git archive`: what a clean clone holds,
+so untracked junk, build outputs and anyone's uncommitted edits are not copied); --working-tree copies the files
+on disk instead (tracked and untracked, not ignored), to check tests before committing them.
+The snippet to replace must occur exactly once in its file, else the mutation is reported
 as STALE and the run fails: the catalogue cannot rot silently when the code it mutates changes.
 A mutation is CAUGHT when its tests fail (pytest exit 1) and MISSED when they pass. Any other pytest exit (2:
 interrupted or collection error, 4: bad usage, 5: no tests collected) is an ERROR, because it says nothing about
@@ -44,16 +47,19 @@ class Outcome:
     detail: str  # the failing test (caught) or why it is stale/errored
 
 
-def tracked_files(root: str) -> list[str]:
-    out = subprocess.run(["git", "ls-files", "-z"], cwd=root, check=True, capture_output=True).stdout
-    return [p for p in out.decode().split("\0") if p]
+def copy_commit(root: str, dest: str) -> None:
+    """The committed tree (HEAD) as a clean clone would have it: nobody's uncommitted edits, no untracked junk."""
+    archive = subprocess.run(["git", "archive", "--format=tar", "HEAD"], cwd=root, check=True, capture_output=True)
+    subprocess.run(["tar", "-x", "-C", dest], input=archive.stdout, check=True)
 
 
-def copy_tracked(root: str, dest: str) -> None:
-    """Copy the working-tree contents of tracked files (deleted-but-tracked files are skipped)."""
-    for rel in tracked_files(root):
+def copy_working_tree(root: str, dest: str) -> None:
+    """Tracked and untracked-but-not-ignored files as they are on disk (for checking tests before committing)."""
+    command = ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"]
+    listed = subprocess.run(command, cwd=root, check=True, capture_output=True).stdout
+    for rel in filter(None, listed.decode().split("\0")):
         src = os.path.join(root, rel)
-        if not os.path.isfile(src):
+        if not os.path.isfile(src):  # tracked but deleted on disk
             continue
         target = os.path.join(dest, rel)
         os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -93,12 +99,14 @@ def first_failure(output: str) -> str:
     return "?"
 
 
-def run_tests_in_copy(mutation: Mutation | None, targets: list[str], timeout: float) -> tuple[int, str]:
+def run_tests_in_copy(
+    mutation: Mutation | None, targets: list[str], timeout: float, working_tree: bool
+) -> tuple[int, str]:
     """pytest's exit code and output for `targets` in a fresh copy of the repository, mutated when `mutation` is
     given. Raises StaleMutation; a timeout gives exit code -1."""
     name = mutation.name if mutation else "baseline"
     with tempfile.TemporaryDirectory(prefix=f"mutant-{name}-") as work:
-        copy_tracked(REPO_ROOT, work)
+        (copy_working_tree if working_tree else copy_commit)(REPO_ROOT, work)
         if mutation is not None:
             apply_mutation(work, mutation)
         env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
@@ -121,11 +129,11 @@ def run_tests_in_copy(mutation: Mutation | None, targets: list[str], timeout: fl
     return proc.returncode, proc.stdout + proc.stderr
 
 
-def run_one(mutation: Mutation, *, quick: bool, timeout: float, verbose: bool) -> Outcome:
+def run_one(mutation: Mutation, *, quick: bool, timeout: float, verbose: bool, working_tree: bool) -> Outcome:
     started = time.perf_counter()
     targets = mutation.tests[:1] if quick else list(mutation.tests)
     try:
-        returncode, output = run_tests_in_copy(mutation, targets, timeout)
+        returncode, output = run_tests_in_copy(mutation, targets, timeout, working_tree)
     except StaleMutation as e:
         return Outcome(mutation.name, "STALE", time.perf_counter() - started, str(e))
     seconds = time.perf_counter() - started
@@ -156,6 +164,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="run only the first test target of each mutation")
     parser.add_argument("--list", action="store_true", help="print the catalogue and exit")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per mutation before it counts as ERROR")
+    parser.add_argument(
+        "--working-tree",
+        action="store_true",
+        help="copy the files on disk (tracked and untracked, not ignored) instead of the HEAD commit",
+    )
     parser.add_argument("--no-baseline", action="store_true", help="skip the unmutated run of the listed tests")
     parser.add_argument("-v", "--verbose", action="store_true", help="print pytest's output for every mutation")
     args = parser.parse_args(argv)
@@ -175,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         # A test that already fails unmutated would "catch" every mutation: the listed tests must pass first.
         targets = sorted({t for m in selected for t in (m.tests[:1] if args.quick else m.tests)})
         started = time.perf_counter()
-        returncode, output = run_tests_in_copy(None, targets, args.timeout)
+        returncode, output = run_tests_in_copy(None, targets, args.timeout, args.working_tree)
         print(f"baseline: {len(targets)} targets, unmutated, exit {returncode} ({time.perf_counter() - started:.0f} s)")
         if returncode != 0:
             print(output)
@@ -183,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     outcomes = []
     for m in selected:
-        outcome = run_one(m, quick=args.quick, timeout=args.timeout, verbose=args.verbose)
+        outcome = run_one(
+            m, quick=args.quick, timeout=args.timeout, verbose=args.verbose, working_tree=args.working_tree
+        )
         print(f"{outcome.verdict:<7} {outcome.name} ({outcome.seconds:.0f} s) {outcome.detail}", flush=True)
         outcomes.append(outcome)
     print_table(outcomes)
