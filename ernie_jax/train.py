@@ -30,6 +30,7 @@ from ernie_jax.data import (
     make_tokenizer,
     restore_iterator,
     skipped_records,
+    truncation_counts,
 )
 from ernie_jax.generate import greedy
 from ernie_jax.hf.checkpoint import CheckpointError, from_pretrained, save_pretrained, saved_dtype
@@ -383,6 +384,7 @@ def train(cfg: TrainConfig, name: str = "custom", *, progress: bool = True) -> d
         steps_run=checker.checked,
         training_failed=checker.failed,
         skipped_records=skipped_records(data),
+        truncated_conversations=truncation_counts(data),
         checkpoint_dir=ckpt.directory,
         interrupted_by=stop["signal"],
     )
@@ -444,6 +446,14 @@ def main(argv: list[str] | None = None) -> int:
         )
     if summary["skipped_records"]:
         log.warning("skipped %d bad data records (data.on_bad_record=skip)", summary["skipped_records"])
+    cut = summary["truncated_conversations"]
+    if cut.get("cut") or cut.get("dropped"):
+        log.info(
+            "data.format=sft: %d conversations were cut to fit data.seq_len (their latest turns kept) and %d dropped "
+            "(nothing supervised fit)",
+            cut["cut"],
+            cut["dropped"],
+        )
     if summary["skipped_steps"]:
         log.warning(
             "%d of %d updates were skipped: their loss or gradient was not finite (nonfinite=skip)",

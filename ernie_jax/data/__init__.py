@@ -21,8 +21,10 @@ from ernie_jax.data.pipeline import (
     make_tokenizer,
     restore_iterator,
     skipped_records,
+    truncation_counts,
     vocab_size_for,
 )
+from ernie_jax.data.sft import ConversationEncoder
 from ernie_jax.data.sources import (
     SUPPORTED_FORMATS,
     BadRecordError,
@@ -38,6 +40,7 @@ __all__ = [
     "TXT_SPLITS",
     "BadRecordError",
     "ByteTokenizer",
+    "ConversationEncoder",
     "DataConfig",
     "DocumentSource",
     "SentencePieceTokenizer",
@@ -52,5 +55,6 @@ __all__ = [
     "python_docs_corpus",
     "restore_iterator",
     "skipped_records",
+    "truncation_counts",
     "vocab_size_for",
 ]

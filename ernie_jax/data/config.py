@@ -34,6 +34,9 @@ class DataConfig:
         process_sharding: "documents": each process reads a disjoint 1/P of the documents (scales to any corpus).
             "rows": every process builds the same global stream and keeps its rows of each global batch, so the
             batches do not depend on the number of processes (costs P times the reading; for tests and audits).
+        format: ``"text"``: documents, every token learned, packed by concatenation (a long document continues in
+            the next row). ``"sft"``: jsonl conversations (see `ernie_jax.data.sft`), loss on the assistant's
+            replies only, packed whole (first fit); needs ``tokenizer`` to be a checkpoint directory.
         on_bad_record: A record that cannot be read (malformed JSON, a missing or non-string field, bytes that
             are not UTF-8): ``"stop"`` raises an error naming its file and line; ``"skip"`` logs it, counts it and
             reads on. It does not change the stream of good records, so a stopped run can resume with ``"skip"``.
@@ -54,6 +57,7 @@ class DataConfig:
     read_threads: int = 4
     process_sharding: Literal["documents", "rows"] = "documents"
     on_bad_record: Literal["stop", "skip"] = "stop"
+    format: Literal["text", "sft"] = "text"
 
     def __post_init__(self):
         # A bare string is the most common slip (`sources="a.jsonl"` would otherwise iterate its characters).
@@ -79,6 +83,8 @@ class DataConfig:
             )
         if not isinstance(self.worker_count, int) or self.worker_count < 0:
             raise ValueError(f"DataConfig.worker_count must be an int >= 0, got {self.worker_count!r}")
+        if self.format not in ("text", "sft"):
+            raise ValueError(f"DataConfig.format must be 'text' or 'sft', got {self.format!r}")
         if self.on_bad_record not in ("stop", "skip"):
             raise ValueError(f"DataConfig.on_bad_record must be 'stop' or 'skip', got {self.on_bad_record!r}")
         if self.txt_split not in TXT_SPLITS:

@@ -19,7 +19,8 @@ import numpy as np
 from grain import experimental as grain_exp
 
 from ernie_jax.data.config import DataConfig
-from ernie_jax.data.sources import DocumentSource, expand_sources
+from ernie_jax.data.sft import ConversationEncoder
+from ernie_jax.data.sources import DocumentSource, expand_sources, file_format
 from ernie_jax.data.tokenizers import Tokenizer, load_tokenizer
 
 STATE_FORMAT = "ernie_jax.data/v1"
@@ -77,13 +78,17 @@ class _Encode:
 
 
 def _finalize(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Packed features -> the batch schema (BATCH_KEYS). Text rows learn every real target; SFT rows carry a mask."""
     segment_ids = batch["input_ids_segment_ids"].astype(np.int32)
+    loss_mask = (segment_ids > 0).astype(np.float32)
+    if "loss_mask" in batch:
+        loss_mask = loss_mask * batch["loss_mask"].astype(np.float32)
     return {
         "input_ids": batch["input_ids"].astype(np.int32),
         "targets": batch["targets"].astype(np.int32),
         "segment_ids": segment_ids,
         "positions": batch["input_ids_positions"].astype(np.int32),
-        "loss_mask": (segment_ids > 0).astype(np.float32),
+        "loss_mask": loss_mask,
     }
 
 
@@ -119,11 +124,23 @@ def make_dataset(
     if cfg.shuffle:
         ds = ds.shuffle(seed=cfg.seed)  # Grain folds the epoch into the seed: a new permutation each epoch.
     ds = ds.repeat(cfg.num_epochs)
-    ds = ds.map(_Encode(tokenizer, cfg.add_bos, cfg.add_eos)).filter(_not_none)
+    if cfg.format == "sft":  # the source already made (input, target, mask) triples; conversations are never split
+        ds = ds.filter(_not_none)
+    else:
+        ds = ds.map(_Encode(tokenizer, cfg.add_bos, cfg.add_eos)).filter(_not_none)
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=4 * batch))
-    packed = grain_exp.ConcatThenSplitIterDataset(
-        it_ds, length_struct={"input_ids": cfg.seq_len, "targets": cfg.seq_len}
-    )
+    if cfg.format == "sft":
+        # First-fit packing pads instead of splitting: a conversation cut across rows would lose its own context.
+        packed = grain_exp.FirstFitPackIterDataset(
+            it_ds,
+            length_struct={"input_ids": cfg.seq_len, "targets": cfg.seq_len, "loss_mask": cfg.seq_len},
+            num_packing_bins=batch,
+            shuffle_bins=False,
+        )
+    else:
+        packed = grain_exp.ConcatThenSplitIterDataset(
+            it_ds, length_struct={"input_ids": cfg.seq_len, "targets": cfg.seq_len}
+        )
     out = packed.batch(cfg.global_batch_size if by_rows else batch, drop_remainder=True).map(_finalize)
     if by_rows:
         out = out.map(_TakeRows(process_index * batch, (process_index + 1) * batch))
@@ -166,9 +183,21 @@ def make_iterator(cfg: DataConfig, *, process_index: int = 0, process_count: int
 
 
 def document_source(cfg: DataConfig) -> DocumentSource:
-    return DocumentSource(
-        expand_sources(cfg.sources), text_field=cfg.text_field, txt_split=cfg.txt_split, on_bad_record=cfg.on_bad_record
-    )
+    files = expand_sources(cfg.sources)
+    if cfg.format == "sft":
+        not_jsonl = [f for f in files if file_format(f) != "jsonl"]
+        if not_jsonl:
+            raise ValueError(f"data.format=sft reads jsonl conversations; not jsonl: {not_jsonl[:3]}")
+        encoder = ConversationEncoder(make_tokenizer(cfg), cfg.seq_len)
+        return DocumentSource(files, text_field=None, on_bad_record=cfg.on_bad_record, convert=encoder)
+    return DocumentSource(files, text_field=cfg.text_field, txt_split=cfg.txt_split, on_bad_record=cfg.on_bad_record)
+
+
+def truncation_counts(it: grain.DatasetIterator) -> dict[str, int]:
+    """data.format=sft: conversations this process cut to fit data.seq_len, and dropped with nothing left to learn."""
+    source = _SOURCES.get(it)
+    encoder = getattr(source, "convert", None)
+    return {"cut": encoder.cut, "dropped": encoder.dropped} if isinstance(encoder, ConversationEncoder) else {}
 
 
 def skipped_records(it: grain.DatasetIterator) -> int:

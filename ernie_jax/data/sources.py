@@ -8,11 +8,13 @@ Readers keep per-thread file handles because Grain reads with a thread pool.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 from etils import epath
@@ -92,13 +94,26 @@ class BadRecordError(ValueError):
     """One record cannot be read as a document. The message starts with `file:line` (or the row or record)."""
 
 
-def _decode_json_text(raw: bytes | str, field: str, where: str) -> str:
+@dataclasses.dataclass(frozen=True)
+class JsonRecord:
+    """A whole JSON object read from a source (text_field=None, e.g. an SFT conversation) and where it was."""
+
+    value: dict
+    where: str
+
+
+def _decode_json_text(raw: bytes | str, field: str | None, where: str) -> str | JsonRecord:
+    """The text in `field` of a JSON object, or (field None) the whole object as a JsonRecord."""
     try:
         obj = json.loads(raw)
     except UnicodeDecodeError as e:
         raise BadRecordError(f"{where}: not UTF-8 ({e.reason} at byte {e.start})") from e
     except json.JSONDecodeError as e:
         raise BadRecordError(f"{where}: not valid JSON ({e})") from e
+    if field is None:
+        if not isinstance(obj, dict):
+            raise BadRecordError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        return JsonRecord(obj, where)
     if not isinstance(obj, dict) or field not in obj:
         keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
         raise BadRecordError(f"{where}: no field {field!r} (data.text_field); found {keys}")
@@ -154,7 +169,7 @@ class SpanFile:
                 first = json.loads(data[self.starts[0] : self.starts[0] + self.lengths[0]])
             except ValueError:
                 first = None  # a bad first line is a bad record, reported (or skipped) when it is read
-            if isinstance(first, dict) and text_field not in first:
+            if isinstance(first, dict) and text_field is not None and text_field not in first:
                 raise ValueError(f"{path}: no field {text_field!r} (data.text_field); found {sorted(first)}")
         self._handles = _ThreadLocalHandles()
 
@@ -291,12 +306,14 @@ class DocumentSource:
     def __init__(
         self,
         files: Sequence[str],
-        text_field: str = "text",
+        text_field: str | None = "text",
         txt_split: str = "blank_line",
         on_bad_record: str = "stop",
+        convert: Callable[[Any], Any] | None = None,
     ):
         self.files = list(files)
         self.on_bad_record = on_bad_record
+        self.convert = convert  # applied to each record here, so its errors fall under the bad-record policy too
         self._parts = [self._open(f, text_field, txt_split) for f in self.files]
         self._ends = np.cumsum([len(p) for p in self._parts], dtype=np.int64)
         self.skipped = 0
@@ -332,6 +349,8 @@ class DocumentSource:
         start = int(self._ends[part - 1]) if part else 0
         try:
             document = self._parts[part][i - start]
+            if self.convert is not None:
+                document = self.convert(document)
         except BadRecordError as e:
             if self.on_bad_record != "skip":
                 raise
