@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import ernie_jax
 from ernie_jax.generate import greedy
@@ -19,6 +20,8 @@ from ernie_jax.generation import (
     GenerationConfig,
     Sampling,
     decode_batch,
+    decode_loop,
+    prefill,
     top_k_filter,
     top_p_filter,
 )
@@ -28,7 +31,14 @@ from tests.helpers import TINY_DENSE, TINY_MOE, TINY_MOE_INTERVAL, assert_close,
 VARIANTS = {"dense_tied": TINY_DENSE, "moe_shared": TINY_MOE, "moe_interval2_bias_untied": TINY_MOE_INTERVAL}
 PROMPT_LENGTHS = (5, 12, 1, 9)  # different lengths: the batch is left-padded
 NEW_TOKENS = 16
-RELEASED_GENERATION_CONFIG = "/work/shared/data/ERNIE-4.5-0.3B-Base/generation_config.json"
+# $ERNIE_TOKENIZER_DIR, else ../shared/data/ERNIE-4.5-0.3B-Base beside the repository root (as test_tokenizer.py)
+RELEASED_DIR = os.environ.get(
+    "ERNIE_TOKENIZER_DIR",
+    os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "ERNIE-4.5-0.3B-Base"
+    ),
+)
+RELEASED_GENERATION_CONFIG = os.path.join(RELEASED_DIR, "generation_config.json")
 
 
 def make_prompts(lengths=PROMPT_LENGTHS, seed=3, vocab=128):
@@ -234,3 +244,20 @@ def test_bad_prompts_are_refused(checkpoints):
     with pytest.raises(ValueError, match="outside the vocabulary"):
         ernie_jax.generate(model, [[5, 500]], max_new_tokens=2)
     assert ernie_jax.generate(model, [[5], [6, 7]], max_new_tokens=0) == [[], []]
+
+
+def test_decode_loop_runs_on_device_and_donates_the_cache(checkpoints):
+    """One while loop on device (no per-token dispatch), and the prefill's cache buffers are reused in place."""
+    model, _ = checkpoints["moe_shared"]
+    graphdef, params = nnx.split(model)
+    spec = DecodeSpec(Sampling(), max_new_tokens=8, eos_ids=(), pad_id=0)
+    prompt_ids = np.ones((2, 16), np.int32)
+    row_start, done, key = np.array([3, 0], np.int32), np.zeros(2, bool), jax.random.key(0)
+    state = prefill(graphdef, params, prompt_ids, row_start, done, key, spec=spec, cache_size=24)
+    keys = state.cache.layers[0][0].keys
+    assert keys.shape == (1, 2, 24, TINY_MOE.num_key_value_heads, TINY_MOE.resolved_head_dim)  # K heads, not N
+    lowered = decode_loop.lower(graphdef, params, state, key, spec=spec).as_text()
+    assert "stablehlo.while" in lowered
+    final = decode_loop(graphdef, params, state, key, spec=spec)
+    assert keys.is_deleted(), "the cache was copied, not donated"
+    assert int(final.step) == 8 and int(final.cache.fill) == 16 + 7

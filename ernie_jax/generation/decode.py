@@ -1,9 +1,9 @@
 """Generation with a KV cache: one prefill over the left-padded prompts, then a decode loop that runs on device.
 
 Two compiled functions per (model, shapes, sampling) and no per-token Python:
-- `_prefill`: the prompts [B, P] (left-padded, so every row writes the same cache slot each step) run through
+- `prefill`: the prompts [B, P] (left-padded, so every row writes the same cache slot each step) run through
   the model once, filling cache slots 0..P-1 and choosing the first new token of every row.
-- `_decode`: a `lax.while_loop` of single-token steps over the static-size cache, until `max_new_tokens` or every
+- `decode_loop`: a `lax.while_loop` of single-token steps over the static-size cache, until `max_new_tokens` or every
   row has stopped. Its state, cache included, is donated, so the cache is updated in place.
 
 Rows keep their own RoPE position (prompt length + tokens so far), their own first real slot (the cache's
@@ -92,7 +92,7 @@ def _choose_and_record(state: DecodeState, logits: jax.Array, key: jax.Array, sp
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "spec", "cache_size"))
-def _prefill(graphdef, params, prompt_ids, row_start, done, key, *, spec: DecodeSpec, cache_size: int):
+def prefill(graphdef, params, prompt_ids, row_start, done, key, *, spec: DecodeSpec, cache_size: int):
     """Fill the cache with the prompts [B, P] and choose the first new token of every row."""
     model = nnx.merge(graphdef, params)
     batch, width = prompt_ids.shape
@@ -120,7 +120,7 @@ def _prefill(graphdef, params, prompt_ids, row_start, done, key, *, spec: Decode
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "spec"), donate_argnames=("state",))
-def _decode(graphdef, params, state: DecodeState, key, *, spec: DecodeSpec) -> DecodeState:
+def decode_loop(graphdef, params, state: DecodeState, key, *, spec: DecodeSpec) -> DecodeState:
     """Single-token steps on device until max_new_tokens or every row has stopped."""
     model = nnx.merge(graphdef, params)
 
@@ -176,8 +176,8 @@ def decode_batch(
     graphdef, params = nnx.split(model)
     key = jax.random.key(seed)
     cache_size = width + spec.max_new_tokens  # the last step writes slot width + max_new_tokens - 2
-    state = _prefill(graphdef, params, prompt_ids, row_start, done, key, spec=spec, cache_size=cache_size)
-    state = _decode(graphdef, params, state, key, spec=spec)
+    state = prefill(graphdef, params, prompt_ids, row_start, done, key, spec=spec, cache_size=cache_size)
+    state = decode_loop(graphdef, params, state, key, spec=spec)
     tokens = np.asarray(state.tokens)[:real_rows]
     logits = None if state.logits is None else np.asarray(state.logits)[:real_rows]
     return Generated(tokens, int(state.step), logits, prompt_ids[:real_rows], row_start[:real_rows])
