@@ -37,26 +37,19 @@ from flax import nnx  # noqa: E402
 
 import pallas_kernels  # noqa: E402
 import sharding  # noqa: E402
+from ernie_jax.chips import CHIPS  # noqa: E402
 from ernie_jax.config import ConfigError  # noqa: E402
 from ernie_jax.hlo_stats import Module, roofline_seconds  # noqa: E402
-from ernie_jax.metrics import PEAK_FLOPS  # noqa: E402
 from ernie_jax.optim import make_optimizer  # noqa: E402
 from ernie_jax.step_builder import abstract_batch, jit_train_step, model_creator, opt_state_shardings  # noqa: E402
 from ernie_jax.train_config import TrainConfig, apply_overrides, load_preset  # noqa: E402
 from ernie_jax.train_step import model_flops_per_token, split_model  # noqa: E402
 from sharding.mesh import MeshError  # noqa: E402
 
-# HBM per chip in bytes (JAX_MOE_ANCHORS.md §6).
-HBM_BYTES = {"v4": 32 * 2**30, "v5p": 95e9, "v5e": 16e9, "v6e": 32e9}
-PEAK_KEY = {"v4": "TPU v4", "v5p": "TPU v5p", "v5e": "TPU v5e", "v6e": "TPU v6e"}
-CORES_PER_CHIP = {"v4": 2, "v5p": 2, "v5e": 1, "v6e": 1}  # what the Cloud name's number counts
-LIBTPU_NAME = {"v4": "v4", "v5p": "v5p", "v5e": "v5e", "v6e": "v6e"}
+TPU_GENERATIONS = ("v4", "v5p", "v5e", "v6e")  # keys of ernie_jax.chips.CHIPS, also libtpu's names
 SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
              512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"}  # fmt: skip
 SHAPES_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
-# HBM bandwidth per chip, and one ICI link's bidirectional bandwidth (JAX_MOE_ANCHORS.md §6, scaling-book tpus.md).
-HBM_BYTES_PER_S = {"v4": 1.2e12, "v5p": 2.765e12, "v5e": 8.19e11, "v6e": 1.6e12}
-ICI_BYTES_PER_S = {"v4": 9e10, "v5p": 1.8e11, "v5e": 9e10, "v6e": 1.8e11}
 
 
 def resolve_topology(name: str) -> tuple[str, str, int]:
@@ -64,18 +57,18 @@ def resolve_topology(name: str) -> tuple[str, str, int]:
     if ":" in name:
         gen, shape = name.split(":", 1)
         gen = "v5e" if gen in ("v5e", "v5litepod") else gen
-        if gen not in HBM_BYTES:
-            raise SystemExit(f"--topology: unknown generation {gen!r}; one of {sorted(HBM_BYTES)}")
-        return gen, f"{LIBTPU_NAME[gen]}:{shape}", math.prod(int(x) for x in shape.split("x"))
+        if gen not in TPU_GENERATIONS:
+            raise SystemExit(f"--topology: unknown generation {gen!r}; one of {', '.join(TPU_GENERATIONS)}")
+        return gen, f"{gen}:{shape}", math.prod(int(x) for x in shape.split("x"))
     m = re.fullmatch(r"(v4|v5p|v5e|v5litepod|v6e)-(\d+)", name)
     if not m:
         raise SystemExit(f"--topology: expected e.g. v5p-64, v4-32, v6e-64 or v5p:2x4x4, got {name!r}")
     gen = "v5e" if m.group(1) == "v5litepod" else m.group(1)
-    chips, rem = divmod(int(m.group(2)), CORES_PER_CHIP[gen])
+    chips, rem = divmod(int(m.group(2)), CHIPS[gen].cores_per_chip)
     shapes = SHAPES_3D if gen in ("v4", "v5p") else SHAPES_2D
     if rem or chips not in shapes:
         raise SystemExit(f"--topology: {name} is not a slice size this tool knows; pass a libtpu name like v5p:2x4x4")
-    return gen, f"{LIBTPU_NAME[gen]}:{shapes[chips]}", chips
+    return gen, f"{gen}:{shapes[chips]}", chips
 
 
 def topology_devices(libtpu_name: str):
@@ -168,11 +161,12 @@ def compile_report(cfg: TrainConfig, topology: str, dump_hlo: str | None = None)
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
         # libtpu refuses a program whose temporaries exceed HBM: report it like any other "does not fit".
-        return {**header, "fits": False, "hbm_bytes": HBM_BYTES[gen], "compile_error": str(e).strip()}
+        return {**header, "fits": False, "hbm_bytes": CHIPS[gen].hbm_bytes, "compile_error": str(e).strip()}
     compile_s = time.perf_counter() - started - lower_s
 
     mem = compiled.memory_analysis()
-    hbm = HBM_BYTES[gen]
+    chip = CHIPS[gen]
+    hbm = chip.hbm_bytes
     peak_bytes = (
         mem.argument_size_in_bytes
         + mem.output_size_in_bytes
@@ -183,7 +177,7 @@ def compile_report(cfg: TrainConfig, topology: str, dump_hlo: str | None = None)
     cost = _cost(compiled)
     tokens = cfg.data.global_batch_size * cfg.data.seq_len
     model_flops = model_flops_per_token(cfg.model, cfg.data.seq_len) * tokens
-    peak_flops = PEAK_FLOPS[PEAK_KEY[gen]]
+    peak_flops = chip.peak_bf16_flops
     xla_optimal_s = cost.get("optimal_seconds")
     hlo_text = compiled.as_text()
     if dump_hlo:
@@ -191,7 +185,7 @@ def compile_report(cfg: TrainConfig, topology: str, dump_hlo: str | None = None)
             f.write(hlo_text)
     module = Module(hlo_text)  # every loop body weighted by its trip count (cost_analysis visits it once)
     compiled_flops = module.flops()  # of the SPMD-partitioned module: per chip
-    roofline = roofline_seconds(module, peak_flops, HBM_BYTES_PER_S[gen], ICI_BYTES_PER_S[gen])
+    roofline = roofline_seconds(module, peak_flops, chip.hbm_bytes_per_s, chip.ici_bytes_per_s)
     model_per_chip = model_flops / chips
     return {
         **header,

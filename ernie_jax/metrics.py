@@ -10,26 +10,15 @@ import time
 import jax
 import jax.numpy as jnp
 
-# bf16 dense peak per chip (JAX_MOE_ANCHORS.md §6).
-PEAK_FLOPS = {
-    "TPU v4": 275e12,
-    "TPU v5p": 459e12,
-    "TPU v5": 459e12,
-    "TPU v5e": 197e12,
-    "TPU v5 lite": 197e12,
-    "TPU v6e": 918e12,
-    "TPU v6 lite": 918e12,
-    "NVIDIA H100": 989e12,
-    "NVIDIA H200": 989e12,
-}
+from ernie_jax.chips import chip_for_device_kind
 
 
 def peak_flops_per_device(dtype=jnp.float32) -> tuple[float, str]:
     """(FLOP/s, how it was obtained). CPUs have no datasheet figure here: measure a matmul instead."""
     kind = jax.devices()[0].device_kind
-    for name, peak in PEAK_FLOPS.items():
-        if kind.startswith(name):
-            return peak, f"{name} bf16 peak"
+    known = chip_for_device_kind(kind)
+    if known is not None:
+        return known[1].peak_bf16_flops, f"{kind} bf16 peak"
     if jax.default_backend() == "cpu":
         n = 1024
         a = jnp.ones((n, n), dtype)
