@@ -54,3 +54,9 @@ def test_chat_keeps_the_conversation(checkpoint_dir):
     text = run(argv, lines=["Hi there", "And again?"])
     assert text.count("\n") >= 2  # one reply per line read
     assert run(argv, lines=["Hi there", "And again?"]) == text  # sampling from generation_config.json, seeded
+
+
+def test_mesh_option_gives_the_single_device_text(checkpoint_dir):
+    """--mesh: weights loaded sharded, the MoE-free model's batch and cache over 8 CPU devices, tokens streamed."""
+    argv = ["--model", str(checkpoint_dir), "--prompt", "Hello world", "--max-new-tokens", "6", "--temperature", "0"]
+    assert run([*argv, "--mesh", "data=2,fsdp=2,tensor=2"]) == run(argv)
