@@ -17,8 +17,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.common import out_struct
+from pallas_kernels.flash_attention.blocks import Static, block_mask, dot_f32
 from pallas_kernels.flash_attention.reference import MASK_VALUE
-from pallas_kernels.flash_attention.tpu import Static, _dot, _mask
 
 
 def _kv_stop(cfg: Static, q_lo, nk: int):
@@ -42,15 +42,15 @@ def _fwd_kernel(*refs, cfg: Static, offset: int, nk: int):
         m_prev, l_prev, acc = carry
         k_lo = kb * bk
         k, v = k_ref[pl.ds(k_lo, bk), :], v_ref[pl.ds(k_lo, bk), :]  # [bk, H]
-        s = _dot(q, k, 1, 1) * cfg.scale  # [bq, bk] fp32
+        s = dot_f32(q, k, 1, 1) * cfg.scale  # [bq, bk] fp32
         ks = ks_ref[pl.ds(k_lo, bk)][None, :] if cfg.segments else None
-        mask = _mask(cfg, q_lo, k_lo, s.shape, 0, qs, ks)
+        mask = block_mask(cfg, q_lo, k_lo, s.shape, 0, qs, ks)
         if mask is not None:
             s = jnp.where(mask, s, MASK_VALUE)
         m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
         p = jnp.exp(s - m_new[:, None])
         alpha = jnp.exp(m_prev - m_new)
-        acc = alpha[:, None] * acc + _dot(p.astype(v.dtype), v, 1, 0)
+        acc = alpha[:, None] * acc + dot_f32(p.astype(v.dtype), v, 1, 0)
         return m_new, alpha * l_prev + jnp.sum(p, axis=1), acc
 
     init = (
@@ -114,13 +114,13 @@ def _dq_kernel(*refs, cfg: Static, offset: int, nk: int):
     def step(kb, acc):
         k_lo = kb * bk
         k, v = k_ref[pl.ds(k_lo, bk), :], v_ref[pl.ds(k_lo, bk), :]
-        p = jnp.exp(_dot(q, k, 1, 1) * cfg.scale - lse)  # [bq, bk]
+        p = jnp.exp(dot_f32(q, k, 1, 1) * cfg.scale - lse)  # [bq, bk]
         ks = ks_ref[pl.ds(k_lo, bk)][None, :] if cfg.segments else None
-        mask = _mask(cfg, q_lo, k_lo, p.shape, 0, qs, ks)
+        mask = block_mask(cfg, q_lo, k_lo, p.shape, 0, qs, ks)
         if mask is not None:
             p = jnp.where(mask, p, 0.0)
-        ds = p * (_dot(do, v, 1, 1) - d)
-        return acc + _dot(ds.astype(k.dtype), k, 1, 0)
+        ds = p * (dot_f32(do, v, 1, 1) - d)
+        return acc + dot_f32(ds.astype(k.dtype), k, 1, 0)
 
     acc = jax.lax.fori_loop(0, _kv_stop(cfg, q_lo, nk), step, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = (acc * cfg.scale).astype(dq_ref.dtype)
@@ -143,14 +143,14 @@ def _dkv_kernel(*refs, cfg: Static, offset: int, g: int, nq: int):
         q_lo = qb * bq
         q, do = q_ref[gi, pl.ds(q_lo, bq), :], do_ref[gi, pl.ds(q_lo, bq), :]  # [bq, H]
         lse, d = lse_ref[gi, pl.ds(q_lo, bq)][None, :], d_ref[gi, pl.ds(q_lo, bq)][None, :]
-        pt = jnp.exp(_dot(k, q, 1, 1) * cfg.scale - lse)  # [bk, bq]
+        pt = jnp.exp(dot_f32(k, q, 1, 1) * cfg.scale - lse)  # [bk, bq]
         qs = qs_ref[pl.ds(q_lo, bq)][None, :] if cfg.segments else None
-        mask = _mask(cfg, q_lo + offset, k_lo, pt.shape, 1, qs, ks)
+        mask = block_mask(cfg, q_lo + offset, k_lo, pt.shape, 1, qs, ks)
         if mask is not None:
             pt = jnp.where(mask, pt, 0.0)
-        dv = dv + _dot(pt.astype(do.dtype), do, 1, 0)
-        dst = pt * (_dot(v, do, 1, 1) - d)
-        return dk + _dot(dst.astype(q.dtype), q, 1, 0), dv
+        dv = dv + dot_f32(pt.astype(do.dtype), do, 1, 0)
+        dst = pt * (dot_f32(v, do, 1, 1) - d)
+        return dk + dot_f32(dst.astype(q.dtype), q, 1, 0), dv
 
     carry = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
     for gi in range(g):  # the G query heads sharing this kv head (static, <= 8 for ERNIE)

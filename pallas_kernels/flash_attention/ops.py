@@ -82,7 +82,7 @@ def flash_attention(
     s, kvh = k.shape[1], k.shape[2]
     if n % kvh:
         raise ValueError(f"query heads {n} must be a multiple of kv heads {kvh}")
-    from pallas_kernels.flash_attention.tpu import Static
+    from pallas_kernels.flash_attention.blocks import Static
 
     bq, bk = block_sizes or default_blocks(t, s, kernel)
     if segment_ids is not None and kv_segment_ids is None:

@@ -12,45 +12,15 @@ Queries are the last T of S keys (offset = S - T), matching the reference.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
-import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.common import out_struct
+from pallas_kernels.flash_attention.blocks import Static, block_mask, dot_f32
 from pallas_kernels.flash_attention.reference import MASK_VALUE
-
-
-@dataclasses.dataclass(frozen=True)
-class Static:
-    """Everything the kernels specialise on (hashable: a custom_vjp nondiff argument)."""
-
-    block_q: int
-    block_k: int
-    scale: float
-    causal: bool
-    segments: bool
-    interpret: bool = False
-
-
-def _mask(cfg: Static, q_lo, k_lo, shape, q_axis: int, qs=None, ks=None):
-    """Boolean mask of a logits block; q_axis says which axis is queries (0 forward/dq, 1 for the dkv layout)."""
-    mask = None
-    if cfg.causal:
-        q_pos = q_lo + jax.lax.broadcasted_iota(jnp.int32, shape, q_axis)
-        k_pos = k_lo + jax.lax.broadcasted_iota(jnp.int32, shape, 1 - q_axis)
-        mask = q_pos >= k_pos
-    if cfg.segments:
-        same = qs == ks  # [bq, 1] == [1, bk] (or transposed) -> block shape
-        mask = same if mask is None else mask & same
-    return mask
-
-
-def _dot(a, b, ca: int, cb: int):
-    return jax.lax.dot_general(a, b, (((ca,), (cb,)), ((), ())), preferred_element_type=jnp.float32)
 
 
 def _fwd_kernel(*refs, cfg: Static, offset: int, nk: int):
@@ -72,9 +42,9 @@ def _fwd_kernel(*refs, cfg: Static, offset: int, nk: int):
 
     @pl.when(run)
     def _step():
-        s = _dot(q_ref[...], k_ref[...], 1, 1) * cfg.scale  # [bq, bk] fp32
+        s = dot_f32(q_ref[...], k_ref[...], 1, 1) * cfg.scale  # [bq, bk] fp32
         qs, ks = (qs_ref[...], ks_ref[...]) if cfg.segments else (None, None)
-        mask = _mask(cfg, q_lo, k_lo, s.shape, 0, qs, ks)
+        mask = block_mask(cfg, q_lo, k_lo, s.shape, 0, qs, ks)
         if mask is not None:
             s = jnp.where(mask, s, MASK_VALUE)
         m_prev = m_scr[...]  # [bq, 1]
@@ -82,7 +52,7 @@ def _fwd_kernel(*refs, cfg: Static, offset: int, nk: int):
         p = jnp.exp(s - m_new)
         alpha = jnp.exp(m_prev - m_new)  # rescales what earlier kv blocks accumulated
         l_scr[...] = alpha * l_scr[...] + jnp.sum(p, axis=1, keepdims=True)
-        acc_scr[...] = alpha * acc_scr[...] + _dot(p.astype(v_ref.dtype), v_ref[...], 1, 0)  # [bq, H]
+        acc_scr[...] = alpha * acc_scr[...] + dot_f32(p.astype(v_ref.dtype), v_ref[...], 1, 0)  # [bq, H]
         m_scr[...] = m_new
 
     @pl.when(ki == nk - 1)
@@ -168,15 +138,15 @@ def _dq_kernel(*refs, cfg: Static, offset: int, nk: int):
 
     @pl.when((k_lo <= q_lo + cfg.block_q - 1) if cfg.causal else True)
     def _step():
-        s = _dot(q_ref[...], k_ref[...], 1, 1) * cfg.scale  # [bq, bk]
+        s = dot_f32(q_ref[...], k_ref[...], 1, 1) * cfg.scale  # [bq, bk]
         p = jnp.exp(s - lse_ref[...])  # lse column [bq, 1]
         qs, ks = (qs_ref[...], ks_ref[...]) if cfg.segments else (None, None)
-        mask = _mask(cfg, q_lo, k_lo, s.shape, 0, qs, ks)
+        mask = block_mask(cfg, q_lo, k_lo, s.shape, 0, qs, ks)
         if mask is not None:
             p = jnp.where(mask, p, 0.0)
-        dp = _dot(do_ref[...], v_ref[...], 1, 1)  # [bq, bk]
+        dp = dot_f32(do_ref[...], v_ref[...], 1, 1)  # [bq, bk]
         ds = p * (dp - d_ref[...])
-        acc_scr[...] += _dot(ds.astype(k_ref.dtype), k_ref[...], 1, 0)  # [bq, H]
+        acc_scr[...] += dot_f32(ds.astype(k_ref.dtype), k_ref[...], 1, 0)  # [bq, H]
 
     @pl.when(ki == nk - 1)
     def _finish():
@@ -200,16 +170,16 @@ def _dkv_kernel(*refs, cfg: Static, offset: int, g: int, nq: int):
     @pl.when((q_lo + cfg.block_q - 1 >= k_lo) if cfg.causal else True)
     def _step():
         # Transposed logits [bk, bq] so dK and dV come out of plain (non-transposed-lhs) matmuls.
-        st = _dot(k_ref[...], q_ref[...], 1, 1) * cfg.scale
+        st = dot_f32(k_ref[...], q_ref[...], 1, 1) * cfg.scale
         pt = jnp.exp(st - lse_ref[...])  # lse row [1, bq]
         qs, ks = (qs_ref[...], ks_ref[...]) if cfg.segments else (None, None)
-        mask = _mask(cfg, q_lo, k_lo, st.shape, 1, qs, ks)
+        mask = block_mask(cfg, q_lo, k_lo, st.shape, 1, qs, ks)
         if mask is not None:
             pt = jnp.where(mask, pt, 0.0)
-        dv_scr[...] += _dot(pt.astype(do_ref.dtype), do_ref[...], 1, 0)  # [bk, H]
-        dpt = _dot(v_ref[...], do_ref[...], 1, 1)  # [bk, bq]
+        dv_scr[...] += dot_f32(pt.astype(do_ref.dtype), do_ref[...], 1, 0)  # [bk, H]
+        dpt = dot_f32(v_ref[...], do_ref[...], 1, 1)  # [bk, bq]
         dst = pt * (dpt - d_ref[...])
-        dk_scr[...] += _dot(dst.astype(q_ref.dtype), q_ref[...], 1, 0)  # [bk, H]
+        dk_scr[...] += dot_f32(dst.astype(q_ref.dtype), q_ref[...], 1, 0)  # [bk, H]
 
     @pl.when((gi == g - 1) & (qi == nq - 1))
     def _finish():
