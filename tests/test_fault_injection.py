@@ -115,6 +115,8 @@ def test_sigterm_saves_exits_143_and_resumes_exactly(tmp_path, uninterrupted):
     assert logged_steps(tmp_path) == list(range(1, STEPS + 1)), "metrics rows lost or duplicated"
     assert final_loss(tmp_path) == uninterrupted
     assert (export / "config.json").exists()
+    again = run(tmp_path)  # nothing left to do: says so, draws no progress bar
+    assert again.returncode == 0 and f"already at step {STEPS}" in again.stdout and "train:" not in again.stderr
 
 
 def test_kill_9_loses_at_most_one_checkpoint_interval(tmp_path, uninterrupted):
@@ -164,3 +166,19 @@ def test_config_error_is_one_line_and_exit_2(tmp_path):
     out = run(tmp_path, "model.moe_k=0")
     assert out.returncode == 2
     assert out.stderr.strip().splitlines() == [out.stderr.strip()] and out.stderr.startswith("error: model.moe_k")
+
+
+@pytest.mark.tpu
+def test_aot_compiles_for_tpu_from_a_cpu_host_without_libtpu_noise():
+    pytest.importorskip("libtpu", reason="the tpu extra (libtpu) is not installed")
+    out = subprocess.run(
+        [sys.executable, "-m", "ernie_jax.aot", "--config=tiny", "--topology=v5p-8"],
+        cwd=ROOT,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "tiny on v5p-8" in out.stdout and "fits" in out.stdout
+    assert_quiet(out.stderr)
