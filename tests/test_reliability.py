@@ -276,3 +276,15 @@ def test_from_pretrained_failures_name_the_path(tmp_path):
     os.remove(no_config / "config.json")
     with pytest.raises(ernie_jax.CheckpointError, match=str(no_config)):
         ernie_jax.from_pretrained(no_config)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The first thing a newcomer sees: the embedded default learns words
+@pytest.mark.slow
+def test_the_embedded_default_ends_below_1_7_nats_with_a_sample_of_words(tmp_path):
+    cfg = apply_overrides(load_preset("tiny"), [f"run_dir={tmp_path}", "mesh.data=1"])  # one device, as on a laptop
+    out = train_mod.train(cfg, progress=False)
+    last_five = [r["ce"] for r in metrics_rows(tmp_path)][-5:]
+    assert float(np.mean(last_five)) <= 1.7, last_five
+    words = out["sample"].split()
+    assert len(words) >= 5 and len(set(words)) >= 4, out["sample"]  # not 'The and the and the ...'
