@@ -57,7 +57,7 @@ def checkpoints(tmp_path_factory):
     return out
 
 
-def hf_generate(hf, prompts, max_new_tokens, eos_token_id=None, pad_token_id=0):
+def hf_generate(hf, prompts, max_new_tokens, eos_token_id=None, pad_token_id=0, **kwargs):
     """transformers' greedy generate on the left-padded batch; new tokens only, cut after each row's EOS."""
     import torch
 
@@ -75,6 +75,7 @@ def hf_generate(hf, prompts, max_new_tokens, eos_token_id=None, pad_token_id=0):
             do_sample=False,
             eos_token_id=eos_token_id,
             pad_token_id=pad_token_id,
+            **kwargs,
         )
     rows = out[:, width:].numpy().tolist()
     if eos_token_id is None:
@@ -198,6 +199,15 @@ def test_repetition_penalty_changes_greedy_output(checkpoints):
     assert penalised != plain
     for prompt, row in zip(prompts, penalised, strict=True):  # with a huge penalty only unseen tokens are chosen
         assert len(set(row)) == len(row) and not set(row) & set(prompt)
+
+
+def test_greedy_with_repetition_penalty_equals_transformers(checkpoints):
+    """Equal-length prompts: transformers' penalty also counts left padding, ours only the row's own tokens."""
+    model, hf = checkpoints["moe_interval2_bias_untied"]
+    prompts = make_prompts(lengths=(7, 7, 7))
+    kwargs = dict(max_new_tokens=NEW_TOKENS, repetition_penalty=1.5)
+    expected = hf_generate(hf, prompts, **kwargs)
+    assert ernie_jax.generate(model, prompts, temperature=0.0, eos_token_id=None, **kwargs) == expected
 
 
 def test_defaults_come_from_generation_config(checkpoints, tmp_path):

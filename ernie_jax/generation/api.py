@@ -50,7 +50,8 @@ def generate(
     the model config's EOS). `temperature=0.0` is greedy; with `do_sample: false` in the config the default
     temperature is 0. top_k / top_p None disable the filter. The same `seed` gives the same samples.
     The repetition penalty sees each row's prompt and generated tokens, not its padding.
-    `stream(tokens)` is called from the device loop after every step, one entry per prompt (None once stopped).
+    `stream(tokens)` is called from the device loop after every step, one entry per prompt (None once stopped);
+    the callable is part of the compiled loop's cache key, so pass the same one again to reuse the compile.
     Under `sharding.use_mesh(...)` the batch is sharded over the mesh (padded with idle rows to divide it).
     """
     config = resolve_generation_config(model, generation_config)
