@@ -44,6 +44,11 @@ def emulated_ragged_all_to_all(
     return jnp.where(consistent, output, jnp.nan)
 
 
+def _needs_eight_devices():
+    if jax.device_count() < 8:  # conftest gives CPU 8; an accelerator host needs 8 chips for these meshes
+        pytest.skip(f"needs 8 devices for an 8-way expert-parallel mesh, found {jax.device_count()}")
+
+
 def ragged_op_for(mesh):
     """The emulation where XLA has no ragged-all-to-all (CPU); None (the real op) on GPU and TPU."""
     return emulated_ragged_all_to_all if mesh.devices.flat[0].platform == "cpu" else None
@@ -92,6 +97,7 @@ MESHES = {"data2_expert4": dict(data=2, expert=4), "expert8": dict(data=1, exper
 
 @pytest.mark.parametrize("mesh_name", list(MESHES))
 def test_ragged_transport_matches_dense_oracle(mesh_name):
+    _needs_eight_devices()
     (x, w_gate, w_up, w_down), routing = _problem()
     mesh = sharding.make_mesh(**MESHES[mesh_name])
 
@@ -122,3 +128,45 @@ def test_ragged_transport_matches_dense_oracle(mesh_name):
     g_oracle = jax.grad(lambda *a: jnp.sum(oracle(*a) * cot), argnums=(0, 1, 2, 3, 4))(*args)
     for name, a, b in zip(("x", "w_gate", "w_up", "w_down", "weights"), g_ragged, g_oracle, strict=True):
         assert_close(a, b, np.float32, f"grad {name}")
+
+
+def test_bounded_buffer_drops_exactly_the_overflow():
+    """With a receive buffer of one balanced share (buffer_factor=1) and skewed routing, the devices holding the
+    popular experts overflow. Written out here from the rule: each receiver takes whole blocks from sources in
+    source order, cutting the first that does not fit; a source's block is its assignments for that receiver in
+    expert order (ties by token order), and a cut keeps its start. Dropped assignments contribute nothing."""
+    _needs_eight_devices()
+    (x, w_gate, w_up, w_down), routing = _problem()
+    mesh = sharding.make_mesh(data=1, expert=8)
+    ep, n, k = 8, x.shape[0], routing.experts.shape[1]
+    e_loc = w_gate.shape[0] // ep
+    n_local = n // ep
+    capacity = -(-n_local * k // 8) * 8  # one balanced share, rounded up to 8 rows
+    experts = np.asarray(routing.experts)
+    keep = np.zeros_like(experts, bool)
+    filled = np.zeros(ep, int)
+    for src in range(ep):
+        tokens = np.arange(src * n_local, (src + 1) * n_local)
+        flat = experts[tokens].reshape(-1)
+        for slot in np.argsort(flat, kind="stable"):  # expert order, hence grouped by receiving device
+            dst = flat[slot] // e_loc
+            if filled[dst] < capacity:  # once full, dst takes nothing more from this or any later source
+                filled[dst] += 1
+                keep[tokens[slot // k], slot % k] = True
+    assert 0 < (~keep).sum() < keep.size, "the buffer must overflow for some assignments, not all"
+
+    out, dropped = jax.jit(
+        lambda *a: sharding.expert_parallel_moe(
+            *a,
+            mesh=mesh,
+            expert_fn=expert_swiglu,
+            transport="ragged_a2a",
+            buffer_factor=1.0,
+            return_dropped=True,
+            ragged_all_to_all=ragged_op_for(mesh),
+        )
+    )(x, routing.experts, routing.weights, w_gate, w_up, w_down)
+    assert int(dropped) == (~keep).sum()
+    kept_weights = jnp.where(jnp.asarray(keep), routing.weights, 0.0)
+    expected = dense_moe_oracle(x, routing._replace(weights=kept_weights), w_gate, w_up, w_down)
+    assert_close(out, expected, np.float32, "forward with drops")

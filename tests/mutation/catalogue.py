@@ -95,6 +95,22 @@ MUTATIONS: tuple[Mutation, ...] = (
         "received rows are computed by the wrong local expert",
     ),
     Mutation(
+        "ragged_a2a_cut_block_sent_from_wrong_offset",
+        "sharding/expert_parallel.py",
+        "input_offsets = jnp.cumsum(wanted[me]) - wanted[me]",
+        "input_offsets = jnp.cumsum(traffic[me]) - traffic[me]",
+        (RAGGED + "test_bounded_buffer_drops_exactly_the_overflow",),
+        "after a cut block, a bounded buffer sends rows from the wrong place in the send buffer",
+    ),
+    Mutation(
+        "ragged_a2a_cut_ignored_in_expert_segments",
+        "sharding/expert_parallel.py",
+        "ends = jnp.minimum(jnp.cumsum(counts, axis=1), kept[:, None])",
+        "ends = jnp.cumsum(counts, axis=1)",
+        (RAGGED + "test_bounded_buffer_drops_exactly_the_overflow",),
+        "received rows of a cut block are assigned to local experts as if nothing had been cut",
+    ),
+    Mutation(
         "rmsnorm_in_bf16",
         "ernie_jax/layers.py",
         "x32 = x.astype(jnp.float32)",
