@@ -100,8 +100,6 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 def main(argv=None, out=None, lines=None) -> int:
     """Run the command; `out` (stdout) receives the generated text, `lines` (stdin) the prompts without --prompt."""
-    import contextlib
-
     import jax
     import jax.numpy as jnp
 
@@ -122,13 +120,18 @@ def main(argv=None, out=None, lines=None) -> int:
         eos_ids.add(tokenizer.token_to_id(tokenizer.special_tokens.get("sep_token", "<|end_of_sentence|>")))
     eos_ids.discard(None)
     printer = StreamPrinter(tokenizer, out, tuple(sorted(eos_ids)))
-    options = dict(max_new_tokens=args.max_new_tokens, eos_token_id=printer.stop_ids, generation_config=config)
+    options = dict(
+        max_new_tokens=args.max_new_tokens,
+        eos_token_id=printer.stop_ids,
+        generation_config=config,
+        mesh=mesh,
+        moe_transport=args.moe_transport,
+    )
     for name in ("temperature", "top_k", "top_p", "repetition_penalty"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     messages = [{"role": "system", "content": args.system}] if args.chat and args.system else []
     prompts = [args.prompt] if args.prompt is not None else (line.rstrip("\n") for line in (lines or sys.stdin))
-    mesh_scope = lambda: sharding.use_mesh(mesh, moe_transport=args.moe_transport) if mesh else contextlib.nullcontext()
     for text in prompts:
         if args.chat:
             messages.append({"role": "user", "content": text})
@@ -137,8 +140,7 @@ def main(argv=None, out=None, lines=None) -> int:
             prompt_ids = [tokenizer.bos_token_id, *tokenizer.encode(text, add_special_tokens=False)]
         printer.reset()
         start = time.perf_counter()
-        with mesh_scope():
-            new_ids = generate(model, [prompt_ids], seed=args.seed, stream=printer, **options)[0]
+        new_ids = generate(model, [prompt_ids], seed=args.seed, stream=printer, **options)[0]
         jax.effects_barrier()  # every streamed token has been printed
         seconds = time.perf_counter() - start
         out.write("\n")

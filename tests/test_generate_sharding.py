@@ -50,6 +50,8 @@ def test_generation_on_a_mesh_equals_one_device(checkpoint, mesh_name):
         np.testing.assert_array_equal(got.tokens, expected.tokens)
         diff = assert_close(got.logits, expected.logits, np.float32, mesh_name)
         assert samples == expected_samples
+        greedy_rows = ernie_jax.generate(sharded, prompts, max_new_tokens=NEW_TOKENS, temperature=0.0, mesh=mesh)
+        assert greedy_rows == ernie_jax.generate(single, prompts, max_new_tokens=NEW_TOKENS, temperature=0.0)
         print(f"[generate] mesh {mesh_name}, {count} prompts: tokens equal, max|dlogit| vs one device {diff:.1e}")
 
 

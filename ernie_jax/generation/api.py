@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 
+from jax.sharding import Mesh
+
+import sharding
 from ernie_jax.generation.config import GenerationConfig
 from ernie_jax.generation.decode import DecodeSpec, StreamFn, decode_batch, new_tokens_per_row
 from ernie_jax.generation.sampling import Sampling
@@ -39,6 +43,8 @@ def generate(
     seed: int = 0,
     generation_config: GenerationConfig | str | os.PathLike | None = None,
     stream: StreamFn | None = None,
+    mesh: Mesh | None = None,
+    moe_transport: str = "allgather",
 ) -> list[list[int]]:
     """Continue each prompt (a list of token ids; lengths may differ) by up to `max_new_tokens` tokens.
 
@@ -52,7 +58,9 @@ def generate(
     The repetition penalty sees each row's prompt and generated tokens, not its padding.
     `stream(tokens)` is called from the device loop after every step, one entry per prompt (None once stopped);
     the callable is part of the compiled loop's cache key, so pass the same one again to reuse the compile.
-    Under `sharding.use_mesh(...)` the batch is sharded over the mesh (padded with idle rows to divide it).
+    With `mesh=` (the mesh the model was loaded onto; or inside `sharding.use_mesh(...)`) the batch and the cache
+    are sharded over it (the batch padded with idle rows to divide it) and MoE layers run expert-parallel with
+    `moe_transport`.
     """
     config = resolve_generation_config(model, generation_config)
     if temperature is FROM_CONFIG:
@@ -79,7 +87,9 @@ def generate(
         pad_id=int(pad_token_id),
         stream=stream,
     )
-    return new_tokens_per_row(decode_batch(model, prompts, spec, seed=seed), spec.eos_ids)
+    with sharding.use_mesh(mesh, moe_transport=moe_transport) if mesh is not None else contextlib.nullcontext():
+        generated = decode_batch(model, prompts, spec, seed=seed)
+    return new_tokens_per_row(generated, spec.eos_ids)
 
 
 def greedy(model, prompt_ids: list[int], max_new_tokens: int, eos_id: int | None = None) -> list[int]:
