@@ -579,3 +579,39 @@ def test_resume_onto_another_mesh_continues_the_uninterrupted_run(tmp_path):
     run(tmp_path / "cut", "steps=2", "checkpoint.every=2", "mesh.data=-1")
     resumed = run(tmp_path / "cut", "steps=4", "mesh.data=1", "mesh.fsdp=2", "mesh.expert=4")
     np.testing.assert_allclose([resumed[3], resumed[4]], [whole[3], whole[4]], rtol=2e-5)
+
+
+def test_export_equals_the_trained_checkpoint(tmp_path):
+    """After real training (parameters and router biases moved), the fp32 Hugging Face export holds exactly the
+    final checkpoint's parameters and router biases."""
+    from ernie_jax import from_pretrained
+    from ernie_jax import train as train_mod
+    from ernie_jax.checkpointing import TrainCheckpointer
+    from tests.helpers import SMALL_TRAIN_OVERRIDES
+
+    cfg = apply_overrides(
+        load_preset("tiny"),
+        [
+            *SMALL_TRAIN_OVERRIDES,
+            "checkpoint.async_save=false",
+            "optim.warmup_steps=1",
+            "steps=2",
+            "moe_loss.bias_update_rate=0.05",  # router biases move visibly
+            "export_dtype=float32",
+            f"run_dir={tmp_path / 'run'}",
+            f"export_hf={tmp_path / 'hf_out'}",
+        ],
+    )
+    train_mod.train(cfg, progress=False)
+    exported = from_pretrained(tmp_path / "hf_out", dtype=jnp.float32)
+    _, params, biases = split_model(exported)
+    opt_template = make_optimizer(cfg.optim, cfg.steps, params).init(params)
+    ckpt = TrainCheckpointer(str(tmp_path / "run" / "checkpoints"), keep=2, async_save=False)
+    # The run's own config: the export writes moe_layer_end_index resolved (1, not -1), the same architecture.
+    restored = ckpt.restore_latest(params=params, biases=biases, opt_state=opt_template, model=cfg.model)
+    ckpt.close()
+    assert restored["step"] == 2
+    moved = jax.tree.leaves(jax.tree.map(lambda b: float(jnp.max(jnp.abs(b))), restored["biases"]))
+    assert max(moved) > 0.05, "the router biases must have moved for this check to mean anything"
+    for got, saved in ((params, restored["params"]), (biases, restored["biases"])):
+        jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got, saved)

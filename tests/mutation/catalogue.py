@@ -276,6 +276,22 @@ MUTATIONS: tuple[Mutation, ...] = (
         "a resumed run trains on the first batches again instead of continuing the stream",
     ),
     Mutation(
+        "export_resets_router_biases",
+        "ernie_jax/train.py",
+        "    model = nnx.merge(graphdef, params, biases)\n",
+        "    model = nnx.merge(graphdef, params, jax.tree.map(jnp.zeros_like, biases))\n",
+        (REF + "test_export_equals_the_trained_checkpoint",),
+        "the export writes the initial router correction biases, not the trained ones",
+    ),
+    Mutation(
+        "export_ignores_export_dtype",
+        "ernie_jax/train.py",
+        "save_pretrained(model, cfg.export_hf, dtype=dtype,",
+        "save_pretrained(model, cfg.export_hf, dtype=jnp.bfloat16,",
+        (REF + "test_export_equals_the_trained_checkpoint",),
+        "export_dtype=float32 still writes bf16 (the export no longer equals the trained model)",
+    ),
+    Mutation(
         "processes_read_same_documents",
         "ernie_jax/data/pipeline.py",
         "[(0 if by_rows else process_index) :: readers]",
