@@ -134,3 +134,20 @@ def test_incomplete_sharded_checkpoint_is_refused(moe_checkpoint, tmp_path):
     os.remove(tmp_path / victim)
     with pytest.raises(ernie_jax.CheckpointError, match="incomplete"):
         ernie_jax.from_pretrained(tmp_path, progress=False)
+
+
+def test_generation_config_comes_with_the_checkpoint(moe_checkpoint, tmp_path):
+    path, _ = moe_checkpoint
+    written = ernie_jax.from_pretrained(path, dtype=jnp.float32, progress=False).generation_config
+    assert written is not None and written.do_sample is False  # transformers' save_pretrained wrote one
+    _copy(path, tmp_path, lambda t: None)  # model and config only
+    assert ernie_jax.from_pretrained(tmp_path, dtype=jnp.float32, progress=False).generation_config is None
+    real = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "ERNIE-4.5-0.3B-Base")
+    released = {"do_sample": True, "top_p": 0.8, "temperature": 0.8, "eos_token_id": 2, "pad_token_id": 0}
+    if os.path.isfile(os.path.join(real, "generation_config.json")):
+        with open(os.path.join(real, "generation_config.json")) as f:
+            released = json.load(f)
+    with open(tmp_path / "generation_config.json", "w") as f:
+        json.dump(released, f)
+    config = ernie_jax.from_pretrained(tmp_path, dtype=jnp.float32, progress=False).generation_config
+    assert config is not None and config.top_p == released["top_p"] and config.temperature == released["temperature"]

@@ -20,6 +20,7 @@ import safetensors.numpy
 
 import sharding
 from ernie_jax.config import ConfigError, ErnieConfig
+from ernie_jax.generation.config import GenerationConfig
 from ernie_jax.hf.names import is_ignored_hf_key, tensor_maps
 from ernie_jax.hf.transfer import (
     DEFAULT_MAX_SHARD_BYTES,
@@ -121,7 +122,10 @@ def from_pretrained(
             return vl.from_pretrained(
                 path, dtype, mesh, param_dtype=param_dtype, rules=rules, options=options, progress=progress
             )
-        return _load(path, dtype, mesh, param_dtype, rules, options, progress)
+        model = _load(path, dtype, mesh, param_dtype, rules, options, progress)
+        # Sampling and EOS defaults for ernie_jax.generate (None when the checkpoint has no generation_config.json).
+        model.generation_config = GenerationConfig.from_pretrained(path)
+        return model
 
 
 VL_MODEL_TYPE = "ernie4_5_vl_moe"
