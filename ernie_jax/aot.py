@@ -37,6 +37,7 @@ from flax import nnx  # noqa: E402
 
 import pallas_kernels  # noqa: E402
 import sharding  # noqa: E402
+from ernie_jax.aot_decode import decode_report, default_decode_mesh, format_decode_report  # noqa: E402
 from ernie_jax.chips import CHIPS  # noqa: E402
 from ernie_jax.config import ConfigError  # noqa: E402
 from ernie_jax.hlo_stats import Module, roofline_seconds  # noqa: E402
@@ -45,6 +46,7 @@ from ernie_jax.step_builder import abstract_batch, jit_train_step, model_creator
 from ernie_jax.train_config import TrainConfig, apply_overrides, load_preset  # noqa: E402
 from ernie_jax.train_step import model_flops_per_token, split_model  # noqa: E402
 from sharding.mesh import MeshError  # noqa: E402
+from sharding.rules import ShardingError  # noqa: E402
 
 TPU_GENERATIONS = ("v4", "v5p", "v5e", "v6e")  # keys of ernie_jax.chips.CHIPS, also libtpu's names
 SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
@@ -301,6 +303,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--topology", default="v5p-64", help="v5p-64, v4-32, v6e-64, v5e-16, or v5p:2x4x4")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--dump-hlo", metavar="FILE", help="also write the compiled (partitioned) HLO text here")
+    parser.add_argument("--decode", action="store_true", help="compile one KV-cache decode step instead")
+    parser.add_argument("--batch", type=int, default=64, help="--decode: rows decoded together")
+    parser.add_argument("--cache", type=int, default=4096, help="--decode: KV cache slots per row")
+    parser.add_argument("--mesh", default="", help="--decode: e.g. expert=4 or data=2,expert=4 (default: experts)")
     args, overrides = parser.parse_known_args(argv)
     unknown = [o for o in overrides if o.startswith("-")]
     if unknown:
@@ -308,10 +314,28 @@ def main(argv: list[str] | None = None) -> int:
     # The preset's platform/min_devices describe where it trains, not this host: AOT ignores them.
     try:
         cfg = apply_overrides(load_preset(args.config), overrides)
+        if args.decode:
+            return decode_main(cfg, args)
         report = compile_report(cfg, args.topology, dump_hlo=args.dump_hlo)
-    except (ConfigError, MeshError) as e:  # a config or mesh that cannot work on this topology: say why, no trace
+    except (ConfigError, MeshError, ShardingError) as e:  # a config or mesh that cannot work here: say why, no trace
         parser.exit(2, f"error: {e}\n")
     print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0 if report["fits"] else 1
+
+
+def decode_main(cfg: TrainConfig, args) -> int:
+    gen, libtpu_name, chips = resolve_topology(args.topology)
+    try:
+        sizes = dict(part.split("=") for part in args.mesh.split(",") if part) if args.mesh else None
+        sizes = {k: int(v) for k, v in sizes.items()} if sizes else default_decode_mesh(cfg.model, chips)
+    except ValueError:
+        raise ConfigError(
+            f"--mesh: expected axis=size pairs like expert=4 or data=2,expert=4, got {args.mesh!r}"
+        ) from None
+    report = decode_report(
+        cfg.model, topology_devices(libtpu_name), gen, batch=args.batch, cache=args.cache, mesh_sizes=sizes
+    )
+    print(json.dumps(report, indent=2) if args.json else format_decode_report(cfg.name, args.topology, report))
     return 0 if report["fits"] else 1
 
 
