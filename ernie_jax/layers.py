@@ -104,6 +104,8 @@ class Attention(nnx.Module):
         self.wk = make_param(rngs, init, (d, kv, h), ("embed", "kv_heads", "head_dim"), param_dtype, stack)
         self.wv = make_param(rngs, init, (d, kv, h), ("embed", "kv_heads", "head_dim"), param_dtype, stack)
         self.wo = make_param(rngs, init, (n, h, d), ("q_heads", "head_dim", "embed"), param_dtype, stack)
+        # LoRA adapters (ernie_jax.lora.add_adapters attaches them); None: the plain projection.
+        self.wq_lora = self.wk_lora = self.wv_lora = self.wo_lora = None
         self.use_bias = cfg.use_bias
         if cfg.use_bias:
             self.bq = make_param(rngs, zeros_init, (n, h), ("q_heads", "head_dim"), param_dtype, stack)
@@ -117,6 +119,10 @@ class Attention(nnx.Module):
         q = jnp.einsum("BTD,DNH->BTNH", x, self.wq[...].astype(self.dtype))
         k = jnp.einsum("BTD,DKH->BTKH", x, self.wk[...].astype(self.dtype))
         v = jnp.einsum("BTD,DKH->BTKH", x, self.wv[...].astype(self.dtype))
+        q, k, v = (
+            y if adapter is None else y + adapter(x)  # [B, T, N or K, H]
+            for y, adapter in ((q, self.wq_lora), (k, self.wk_lora), (v, self.wv_lora))
+        )
         if self.use_bias:
             q = q + self.bq[...].astype(self.dtype)
             k = k + self.bk[...].astype(self.dtype)
@@ -126,7 +132,10 @@ class Attention(nnx.Module):
         return q, k, v
 
     def _project_out(self, out: jax.Array) -> jax.Array:
-        y = jnp.einsum("BTNH,NHD->BTD", out.astype(self.dtype), self.wo[...].astype(self.dtype))
+        out = out.astype(self.dtype)  # [B, T, N, H]
+        y = jnp.einsum("BTNH,NHD->BTD", out, self.wo[...].astype(self.dtype))
+        if self.wo_lora is not None:
+            y = y + self.wo_lora(out)
         if self.use_bias:
             y = y + self.bo[...].astype(self.dtype)
         return y
@@ -220,6 +229,7 @@ class MLP(nnx.Module):
         self.gate = make_param(rngs, init, (d, width), ("embed", axis), param_dtype, stack)
         self.up = make_param(rngs, init, (d, width), ("embed", axis), param_dtype, stack)
         self.down = make_param(rngs, init, (width, d), (axis, "embed"), param_dtype, stack)
+        self.gate_lora = self.up_lora = self.down_lora = None  # LoRA adapters, attached by ernie_jax.lora
         if use_bias:
             self.gate_bias = make_param(rngs, zeros_init, (width,), (axis,), param_dtype, stack)
             self.up_bias = make_param(rngs, zeros_init, (width,), (axis,), param_dtype, stack)
@@ -229,10 +239,17 @@ class MLP(nnx.Module):
         x = x.astype(self.dtype)  # [..., D]
         gate = jnp.einsum("...D,DF->...F", x, self.gate[...].astype(self.dtype))
         up = jnp.einsum("...D,DF->...F", x, self.up[...].astype(self.dtype))
+        if self.gate_lora is not None:
+            gate = gate + self.gate_lora(x)
+        if self.up_lora is not None:
+            up = up + self.up_lora(x)
         if self.use_bias:
             gate = gate + self.gate_bias[...].astype(self.dtype)
             up = up + self.up_bias[...].astype(self.dtype)
-        y = jnp.einsum("...F,FD->...D", jax.nn.silu(gate) * up, self.down[...].astype(self.dtype))
+        hidden = jax.nn.silu(gate) * up  # [..., F]
+        y = jnp.einsum("...F,FD->...D", hidden, self.down[...].astype(self.dtype))
+        if self.down_lora is not None:
+            y = y + self.down_lora(hidden)
         if self.use_bias:
             y = y + self.down_bias[...].astype(self.dtype)
         return y

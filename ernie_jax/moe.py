@@ -24,6 +24,7 @@ import pallas_kernels
 import sharding
 from ernie_jax.config import ErnieConfig
 from ernie_jax.layers import MLP, make_param, normal_init, zeros_init
+from ernie_jax.lora import adapted
 from sharding.permute import inverse_permutation, permute_rows, repeat_rows
 
 
@@ -166,6 +167,8 @@ class MoEBlock(nnx.Module):
         self.w_gate = make_param(rngs, init, (e, d, f), ("experts", "embed", "expert_mlp"), param_dtype, stack)
         self.w_up = make_param(rngs, init, (e, d, f), ("experts", "embed", "expert_mlp"), param_dtype, stack)
         self.w_down = make_param(rngs, init, (e, f, d), ("experts", "expert_mlp", "embed"), param_dtype, stack)
+        # Per-expert LoRA adapters (ernie_jax.lora), folded into the expert weights before the grouped matmuls.
+        self.w_gate_lora = self.w_up_lora = self.w_down_lora = None
         self.shared = (
             MLP(
                 cfg,
@@ -185,7 +188,14 @@ class MoEBlock(nnx.Module):
         flat = x.reshape(b * t, d).astype(self.dtype)  # [N, D]
         routing = route(flat, self.router[...], self.correction_bias[...], k=self.k, norm_min=self.norm_min)
         stats = router_stats(routing, k=self.k, token_mask=None if token_mask is None else token_mask.reshape(-1))
-        w_gate, w_up, w_down = (w[...].astype(self.dtype) for w in (self.w_gate, self.w_up, self.w_down))
+        w_gate, w_up, w_down = (
+            adapted(w, adapter).astype(self.dtype)  # [E, D, F], [E, D, F], [E, F, D]
+            for w, adapter in (
+                (self.w_gate, self.w_gate_lora),
+                (self.w_up, self.w_up_lora),
+                (self.w_down, self.w_down_lora),
+            )
+        )
         ctx = sharding.active()
         if ctx is not None and ctx.mesh.size > 1:
             expert_fn = functools.partial(expert_swiglu, gmm_impl=self.gmm_impl)
