@@ -10,7 +10,6 @@ frameworks: ernie-jax loads the checkpoint that transformers writes. Both run in
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 
 import jax
@@ -19,8 +18,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-import ernie_jax
-from ernie_jax.train_config import load_preset
+from benchmarks.peers import tiny_pair
 from ernie_jax.train_step import cross_entropy_sum
 
 
@@ -42,17 +40,8 @@ def main(argv=None) -> dict[str, float]:
     parser.add_argument("--seq", type=int, default=128)
     args = parser.parse_args(argv)
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = load_preset("tiny").model
-    hf_cfg = cfg.to_hf_config()
-    model_type = hf_cfg.pop("model_type")
-    hf_cfg.pop("architectures")
-    torch.manual_seed(0)
-    torch_model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **hf_cfg)).float()
-    path = tempfile.mkdtemp(prefix="ernie-bench-")
-    torch_model.save_pretrained(path)
-    jax_model = ernie_jax.from_pretrained(path, dtype=jnp.float32, progress=False)
+    cfg, torch_model, jax_model = tiny_pair()
 
     rng = np.random.RandomState(0)
     ids = rng.randint(0, cfg.vocab_size, (args.batch, args.seq + 1))

@@ -11,14 +11,12 @@ weights: ernie-jax loads the checkpoint transformers writes. Prints new tokens p
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 
-import jax.numpy as jnp
 import numpy as np
 
 import ernie_jax
-from ernie_jax.train_config import load_preset
+from benchmarks.peers import tiny_pair
 
 
 def _best_seconds(fn, repeats: int):
@@ -39,17 +37,9 @@ def main(argv=None) -> dict[str, float]:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = load_preset("tiny").model
-    hf_cfg = cfg.to_hf_config()
-    model_type = hf_cfg.pop("model_type")
-    hf_cfg.pop("architectures")
-    torch.manual_seed(0)
-    torch_model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **hf_cfg)).float().eval()
-    path = tempfile.mkdtemp(prefix="ernie-decode-bench-")
-    torch_model.save_pretrained(path)
-    jax_model = ernie_jax.from_pretrained(path, dtype=jnp.float32, progress=False)
+    cfg, torch_model, jax_model = tiny_pair()
+    torch_model.eval()
 
     rng = np.random.RandomState(0)
     lengths = [max(1, args.prompt - 7 * i) for i in range(args.batch)]

@@ -1,0 +1,28 @@
+"""The peer every CPU benchmark measures against: transformers' PyTorch ERNIE with the same weights as ours."""
+
+from __future__ import annotations
+
+import tempfile
+
+import jax.numpy as jnp
+
+import ernie_jax
+from ernie_jax.config import ErnieConfig
+from ernie_jax.train_config import load_preset
+
+
+def tiny_pair(seed: int = 0):
+    """(config, transformers model in fp32, ernie-jax model in fp32): the tiny preset's architecture (a shrunk
+    21B-A3B layout) with random weights that transformers draws and writes, and ernie-jax loads."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg: ErnieConfig = load_preset("tiny").model
+    hf_cfg = cfg.to_hf_config()
+    model_type = hf_cfg.pop("model_type")
+    hf_cfg.pop("architectures")
+    torch.manual_seed(seed)
+    torch_model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **hf_cfg)).float()
+    path = tempfile.mkdtemp(prefix="ernie-bench-")
+    torch_model.save_pretrained(path)
+    return cfg, torch_model, ernie_jax.from_pretrained(path, dtype=jnp.float32, progress=False)
