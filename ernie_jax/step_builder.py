@@ -74,7 +74,7 @@ def opt_state_shardings(optimizer: optax.GradientTransformation, params, param_s
 def batch_sharding(cfg: TrainConfig, mesh: Mesh) -> NamedSharding:
     """The global batch's sharding ([B, T] over the batch axes); checks that the batch divides the shards."""
     spec = sharding.logical_to_spec(("batch", None), mesh)
-    shards = int(np.prod([mesh.shape[a] for a in sharding.rules._as_tuple(spec[0])] or [1]))
+    shards = int(np.prod([mesh.shape[a] for a in sharding.rules.axes_tuple(spec[0])] or [1]))
     if cfg.data.global_batch_size % shards:
         raise ConfigError(
             f"data.global_batch_size: {cfg.data.global_batch_size} is not divisible by the {shards} "

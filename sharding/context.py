@@ -14,7 +14,7 @@ from collections.abc import Iterator, Sequence
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from sharding.rules import DEFAULT_RULES, MeshAxes, _as_tuple
+from sharding.rules import DEFAULT_RULES, MeshAxes, axes_tuple
 
 MOE_TRANSPORTS = ("allgather", "ragged_a2a")
 
@@ -61,7 +61,7 @@ def activation_spec(logical_axes: Sequence[str | None], shape: Sequence[int], ct
     used: set[str] = set()
     spec = []
     for dim, logical in enumerate(logical_axes):
-        axes = [] if logical is None else list(_as_tuple(table.get(logical)))
+        axes = [] if logical is None else list(axes_tuple(table.get(logical)))
         kept, size = [], 1
         for a in axes:
             n = ctx.mesh.shape.get(a, 1)

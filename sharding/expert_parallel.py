@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
 from sharding.permute import inverse_permutation, permute_rows, repeat_rows
-from sharding.rules import DEFAULT_RULES, ShardingError, _as_tuple, logical_to_spec
+from sharding.rules import DEFAULT_RULES, ShardingError, axes_tuple, logical_to_spec
 
 ExpertFn = Callable[..., jax.Array]  # (xs, group_sizes, w_gate, w_up, w_down, *, expected_rows) -> ys
 
@@ -40,7 +40,7 @@ WEIGHT_AXES = {
 
 
 def _axes(entry) -> tuple[str, ...]:
-    return _as_tuple(entry)
+    return axes_tuple(entry)
 
 
 def _local_expert_sort(local_ids: jax.Array, num_local: int) -> tuple[jax.Array, jax.Array]:

@@ -42,7 +42,7 @@ class ShardingError(ValueError):
     """A layout that cannot be realised on this mesh; the message names the tensor and the fix."""
 
 
-def _as_tuple(axes: MeshAxes) -> tuple[str, ...]:
+def axes_tuple(axes: MeshAxes) -> tuple[str, ...]:
     if axes is None:
         return ()
     return (axes,) if isinstance(axes, str) else tuple(axes)
@@ -66,7 +66,7 @@ def logical_to_spec(
             continue
         if logical not in table:
             raise ShardingError(f"{name}: logical axis {logical!r} has no rule; add it to sharding.rules")
-        axes = tuple(a for a in _as_tuple(table[logical]) if a in mesh.shape and mesh.shape[a] > 1)
+        axes = tuple(a for a in axes_tuple(table[logical]) if a in mesh.shape and mesh.shape[a] > 1)
         for a in axes:
             if a in used:
                 raise ShardingError(f"{name}: mesh axis {a!r} would shard two dimensions {tuple(logical_axes)}")
