@@ -125,7 +125,7 @@ def _targets(model, cfg: LoRAConfig):
     out = []
     for group in model.groups:
         for layer in group.layers:
-            for _, module in layer.iter_modules():
+            for _, module in nnx.iter_modules(layer):
                 if isinstance(module, Attention):
                     for target, name in ATTENTION_TARGETS.items():
                         if target in cfg.targets:
@@ -160,7 +160,7 @@ def add_adapters(model, cfg: LoRAConfig, *, seed: int = 0, mesh=None):
 def adapters(model):
     """(module, weight attribute, adapter) for every adapter attached to `model`."""
     found = []
-    for _, module in model.iter_modules():
+    for _, module in nnx.iter_modules(model):
         for attr, value in list(vars(module).items()):
             if attr.endswith(ADAPTER_SUFFIX) and isinstance(value, LoRAAdapter):
                 found.append((module, attr[: -len(ADAPTER_SUFFIX)], value))

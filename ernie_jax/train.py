@@ -34,12 +34,14 @@ from ernie_jax.data import (
 )
 from ernie_jax.generate import greedy
 from ernie_jax.hf.checkpoint import CheckpointError, from_pretrained, save_pretrained, saved_dtype
+from ernie_jax.hf.peft_adapter import save_peft_adapter
+from ernie_jax.lora import LoRAParam, add_adapters, merge_adapters
 from ernie_jax.metrics import MetricsWriter, peak_flops_per_device
 from ernie_jax.model import ErnieForCausalLM
 from ernie_jax.optim import lr_schedule, make_optimizer
 from ernie_jax.step_builder import batch_sharding, jit_train_step, model_creator, model_options, opt_state_shardings
 from ernie_jax.train_config import TrainConfig, apply_overrides, describe_fields, list_presets, load_preset
-from ernie_jax.train_step import as_metrics_dict, model_flops_per_token, split_model
+from ernie_jax.train_step import as_metrics_dict, model_flops_per_token, split_model, trainable_params
 
 log = logging.getLogger("ernie_jax.train")
 
@@ -98,16 +100,19 @@ def check_devices(cfg: TrainConfig, name: str) -> None:
 
 
 def build_model(cfg: TrainConfig, mesh) -> ErnieForCausalLM:
-    """fp32 master weights, compute in cfg.dtype, every parameter born on its sharding."""
+    """fp32 master weights, compute in cfg.dtype, every parameter born on its sharding; LoRA adapters attached
+    (B = 0) when lora.rank > 0."""
     if cfg.init_from_hf:
-        return from_pretrained(
+        model = from_pretrained(
             cfg.init_from_hf, dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.float32, mesh=mesh, options=model_options(cfg)
         )
-    create = model_creator(cfg)
-    graphdef, abstract_state = nnx.split(nnx.eval_shape(create))
-    shardings = sharding.state_shardings(abstract_state, mesh)
-    state = jax.jit(lambda: nnx.state(create()), out_shardings=shardings)()
-    return nnx.merge(graphdef, state)
+    else:
+        create = model_creator(cfg)
+        graphdef, abstract_state = nnx.split(nnx.eval_shape(create))
+        shardings = sharding.state_shardings(abstract_state, mesh)
+        state = jax.jit(lambda: nnx.state(create()), out_shardings=shardings)()
+        model = nnx.merge(graphdef, state)
+    return add_adapters(model, cfg.lora, seed=cfg.seed, mesh=mesh)
 
 
 def place_batch(batch: dict[str, np.ndarray], batch_sharding) -> dict[str, jax.Array]:
@@ -228,13 +233,23 @@ def train(cfg: TrainConfig, name: str = "custom", *, progress: bool = True) -> d
     check_vocab(model_cfg.vocab_size, tokenizer, cfg.data.tokenizer)
     graphdef, params, biases = split_model(model)
     del model
-    optimizer = make_optimizer(cfg.optim, cfg.steps, params)
+    trainable = trainable_params(params, cfg)  # all parameters, or a LoRA run's adapters
+    optimizer = make_optimizer(cfg.optim, cfg.steps, trainable)
     schedule = lr_schedule(cfg.optim, cfg.steps)  # the same schedule the optimizer uses, for logging
     param_sh = jax.tree.map(lambda x: x.sharding, params)
     bias_sh = jax.tree.map(lambda x: x.sharding, biases)
     # Adam moments on their parameters' shardings, scalars replicated (jit alone would leave them unsharded).
-    opt_sh = opt_state_shardings(optimizer, params, param_sh, mesh)
-    opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(params)
+    opt_sh = opt_state_shardings(optimizer, trainable, jax.tree.map(lambda x: x.sharding, trainable), mesh)
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_sh)(trainable)
+    if cfg.lora.enabled:
+        adapter_count = sum(x.size for x in jax.tree.leaves(nnx.filter_state(params, LoRAParam)))
+        log.info(
+            "LoRA rank %d, alpha %g%s: training %s adapter params; base weights and router biases frozen",
+            cfg.lora.rank,
+            cfg.lora.resolved_alpha,
+            " (rsLoRA)" if cfg.lora.rslora else "",
+            human_count(adapter_count),
+        )
     log.info(
         "%s: %s params (%s active), mesh %s, %d %s device(s)",
         name,
@@ -407,8 +422,13 @@ def train(cfg: TrainConfig, name: str = "custom", *, progress: bool = True) -> d
         summary["sample"] = tokenizer.decode(ids[1:])
     if cfg.export_hf:
         dtype = export_dtype(cfg)
-        save_pretrained(model, cfg.export_hf, dtype=dtype, progress=progress and is_main)
+        # A LoRA run exports the merged model (W + s * A @ B): the base architecture that transformers loads.
+        merged = merge_adapters(model) if cfg.lora.enabled else model
+        save_pretrained(merged, cfg.export_hf, dtype=dtype, progress=progress and is_main)
         log.info("Exported the trained model to %s (Hugging Face format, %s)", cfg.export_hf, jnp.dtype(dtype).name)
+    if cfg.export_peft and is_main:
+        save_peft_adapter(model, cfg.export_peft, cfg.lora, base_model=cfg.init_from_hf)
+        log.info("Exported the LoRA adapters to %s (PEFT format)", cfg.export_peft)
     return summary
 
 

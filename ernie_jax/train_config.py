@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from ernie_jax.config import ConfigError, ErnieConfig
 from ernie_jax.data import DataConfig
+from ernie_jax.lora import LoRAConfig
 from ernie_jax.model import REMAT_POLICIES
 
 
@@ -123,6 +124,8 @@ class TrainConfig:
     optim: OptimConfig = OptimConfig()
     moe_loss: MoELossConfig = MoELossConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    # lora.rank > 0: train low-rank adapters only (base weights and router biases frozen); see ernie_jax/lora.py
+    lora: LoRAConfig = LoRAConfig()
     steps: int = 300
     seed: int = 0
     run_dir: str = "runs/tiny"  # checkpoints, metrics.jsonl and TensorBoard events go here
@@ -142,6 +145,9 @@ class TrainConfig:
     export_hf: str | None = None  # write the final model there with save_pretrained
     # dtype of the exported tensors; "auto": the dtype of the --init-from-hf checkpoint, else bfloat16
     export_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # LoRA runs: write the adapters as a PEFT adapter directory (attention, dense MLP and shared experts; routed
+    # experts' adapters are only in export_hf's merged model)
+    export_peft: str | None = None
     sample_prompt: str = "The "
     sample_tokens: int = 64  # greedy sample printed at the end (0 = none)
     # Devices the preset is meant for ("cpu", "tpu", "gpu") and how many; a run elsewhere stops with advice.
@@ -160,6 +166,7 @@ class TrainConfig:
         )
         _require(self.nonfinite in ("skip", "stop"), "nonfinite", f"must be 'skip' or 'stop', got {self.nonfinite!r}")
         _require(self.log_every >= 1, "log_every", "must be >= 1")
+        _require(self.export_peft is None or self.lora.enabled, "export_peft", "needs a LoRA run (lora.rank > 0)")
         _require(
             self.data.global_batch_size % self.optim.grad_accum == 0,
             "optim.grad_accum",

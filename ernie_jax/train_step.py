@@ -3,6 +3,9 @@
 State is split once with `nnx.split(model, nnx.Param, CorrectionBias)`: fp32 master `params` (optimised),
 `biases` (router correction biases, updated by the sign rule) and the static `graphdef`. The step is a pure
 function of arrays, jitted with explicit shardings by the trainer.
+
+In a LoRA run (`lora.rank > 0`) only the adapters (`LoRAParam`) are differentiated and optimised: the step splits
+`params` by variable type into the trainable adapters and the frozen base, and the router biases stay as loaded.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from flax import nnx
 
 import sharding
 from ernie_jax.config import ErnieConfig
+from ernie_jax.lora import LoRAParam
 from ernie_jax.moe import CorrectionBias
 from ernie_jax.train_config import TrainConfig
 
@@ -79,13 +83,29 @@ def _sum_stats(router_stats: list, field: str) -> jax.Array:
     return sum(jnp.sum(x) for x in leaves) if leaves else jnp.zeros(())
 
 
+def trainable_filter(cfg: TrainConfig):
+    """The variable type the optimizer updates: the adapters of a LoRA run, else every parameter."""
+    return LoRAParam if cfg.lora.enabled else nnx.Param
+
+
+def trainable_params(params: nnx.State, cfg: TrainConfig) -> nnx.State:
+    """The part of `params` that gets gradients and optimizer state."""
+    return nnx.filter_state(params, trainable_filter(cfg))
+
+
 def make_train_step(graphdef: nnx.GraphDef, cfg: TrainConfig, optimizer: optax.GradientTransformation):
-    """Returns step(params, biases, opt_state, batch) -> (params, biases, opt_state, metrics)."""
+    """Returns step(params, biases, opt_state, batch) -> (params, biases, opt_state, metrics).
+
+    opt_state is the optimizer's state for `trainable_params(params, cfg)`."""
     coef = cfg.moe_loss
     accum = cfg.optim.grad_accum
+    trainable_type = trainable_filter(cfg)
+    # A LoRA run leaves the base model as loaded, routing included, so the adapters apply to it unchanged.
+    bias_update_rate = 0.0 if cfg.lora.enabled else coef.bias_update_rate
 
-    def loss_fn(params, biases, batch: Batch, num_tokens: jax.Array):
-        model = nnx.merge(graphdef, params, biases)
+    def loss_fn(trainable, frozen, biases, batch: Batch, num_tokens: jax.Array):
+        model = nnx.merge(graphdef, trainable, frozen, biases)
+        params = nnx.merge_state(trainable, frozen)
         h, aux = model(
             batch["input_ids"],
             positions=batch["positions"],
@@ -121,36 +141,38 @@ def make_train_step(graphdef: nnx.GraphDef, cfg: TrainConfig, optimizer: optax.G
 
     def step(params, biases, opt_state, batch: Batch, step_index: jax.Array):
         num_tokens = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+        trainable, frozen = nnx.split_state(params, trainable_type, ...)  # frozen is empty unless LoRA
         if accum == 1:
-            (_, metrics_sum), grads_sum = grad_fn(params, biases, batch, num_tokens)
+            (_, metrics_sum), grads_sum = grad_fn(trainable, frozen, biases, batch, num_tokens)
         else:
             micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
 
             def one(carry, mb):
-                (_, metrics), grads = grad_fn(params, biases, mb, num_tokens)
+                (_, metrics), grads = grad_fn(trainable, frozen, biases, mb, num_tokens)
                 return jax.tree.map(jnp.add, carry, (grads, metrics)), None
 
             first = jax.tree.map(lambda x: x[0], micro)
-            metrics_shape = jax.eval_shape(lambda: loss_fn(params, biases, first, num_tokens))[1]
-            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (params, metrics_shape))
+            metrics_shape = jax.eval_shape(lambda: loss_fn(trainable, frozen, biases, first, num_tokens))[1]
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (trainable, metrics_shape))
             (grads_sum, metrics_sum), _ = jax.lax.scan(one, zeros, micro)
         grads = grads_sum
         ce = metrics_sum["ce_sum"] / num_tokens
         loss = ce + coef.aux_loss_coef * metrics_sum["aux_loss"] + coef.z_loss_coef * metrics_sum["z_loss"]
         loss = loss + coef.ortho_loss_coef * metrics_sum["ortho_loss"]
         grad_norm = optax.tree.norm(grads)
-        updates, new_opt_state = optimizer.update(grads, opt_state, params)
-        new_params = optax.apply_updates(params, updates)
-        new_biases = _update_biases(biases, metrics_sum["counts"], coef.bias_update_rate)
+        updates, new_opt_state = optimizer.update(grads, opt_state, trainable)
+        new_trainable = optax.apply_updates(trainable, updates)
+        new_biases = _update_biases(biases, metrics_sum["counts"], bias_update_rate)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         # A non-finite step never changes the state, whatever cfg.nonfinite says (the host counts it, or stops):
         # so no checkpoint can be written from a poisoned state.
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-        new_params, new_opt_state, new_biases = (
-            keep(new_params, params),
+        new_trainable, new_opt_state, new_biases = (
+            keep(new_trainable, trainable),
             keep(new_opt_state, opt_state),
             keep(new_biases, biases),
         )
+        new_params = nnx.merge_state(new_trainable, frozen)
         load = _load_stats(metrics_sum["counts"])
         metrics = dict(
             loss=loss,
