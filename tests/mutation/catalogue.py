@@ -64,9 +64,9 @@ MUTATIONS: tuple[Mutation, ...] = (
         "init_from_hf_ignored",
         "ernie_jax/train.py",
         """    if cfg.init_from_hf:
-        return from_pretrained(""",
+        model = from_pretrained(""",
         """    if False:
-        return from_pretrained(""",
+        model = from_pretrained(""",
         (REF + "test_init_from_hf_with_no_update_exports_the_checkpoint_logits",),
         "--init-from-hf silently trains from a random init",
     ),
@@ -286,8 +286,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "export_ignores_export_dtype",
         "ernie_jax/train.py",
-        "save_pretrained(model, cfg.export_hf, dtype=dtype,",
-        "save_pretrained(model, cfg.export_hf, dtype=jnp.bfloat16,",
+        "save_pretrained(merged, cfg.export_hf, dtype=dtype,",
+        "save_pretrained(merged, cfg.export_hf, dtype=jnp.bfloat16,",
         (REF + "test_export_equals_the_trained_checkpoint",),
         "export_dtype=float32 still writes bf16 (the export no longer equals the trained model)",
     ),
