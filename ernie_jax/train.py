@@ -222,6 +222,7 @@ def train(cfg: TrainConfig, name: str = "custom", *, progress: bool = True) -> d
     started = time.perf_counter()
     mesh = sharding.make_mesh(**cfg.mesh.sizes)
     is_main = jax.process_index() == 0
+    tokenizer, data = open_data(cfg)  # a missing or misnamed data file fails before a checkpoint is loaded
     try:
         model = build_model(cfg, mesh)
     except CheckpointError as e:
@@ -229,7 +230,6 @@ def train(cfg: TrainConfig, name: str = "custom", *, progress: bool = True) -> d
     model_cfg = model.config  # with --init-from-hf, the checkpoint's architecture (not the preset's model)
     if model_cfg != cfg.model:
         log.info("Model architecture from %s differs from the preset's; using the checkpoint's", cfg.init_from_hf)
-    tokenizer, data = open_data(cfg)
     check_vocab(model_cfg.vocab_size, tokenizer, cfg.data.tokenizer)
     graphdef, params, biases = split_model(model)
     del model
