@@ -25,7 +25,7 @@ from ernie_jax.train_config import apply_overrides, load_preset
 from ernie_jax.train_step import make_train_step, split_model, trainable_params
 from tests.helpers import SMALL_TRAIN_OVERRIDES, TINY_DENSE, TINY_MOE, TINY_MOE_INTERVAL, hf_logits, random_ids
 
-NO_EXPERTS = tuple(t for t in ALL_TARGETS if t != "experts")
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")  # what a PEFT adapter of an MoE model can carry
 
 
 def lora_model(cfg, lora: LoRAConfig, *, seed: int = 0, perturb: float = 0.0):
@@ -188,19 +188,22 @@ def _torch_ids(cfg):
     return random_ids(2, 10, cfg.vocab_size, seed=5)
 
 
-def test_merged_export_and_peft_adapter_match_transformers(tmp_path):
+@pytest.mark.parametrize(
+    "cfg, targets", [(TINY_DENSE, ALL_TARGETS), (TINY_MOE, ATTENTION)], ids=["dense_all", "moe_attention"]
+)
+def test_merged_export_and_peft_adapter_match_transformers(tmp_path, cfg, targets):
     """Our unmerged LoRA logits = transformers on the merged export = transformers + PEFT on the base checkpoint."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    cfg = TINY_MOE
     ids = _torch_ids(cfg)
-    base, model = lora_model(cfg, LoRAConfig(rank=4, targets=NO_EXPERTS), perturb=0.05)
+    lora = LoRAConfig(rank=4, targets=targets)
+    base, model = lora_model(cfg, lora, perturb=0.05)
     ours = np.asarray(model(jnp.asarray(ids)))
     save_pretrained(base, tmp_path / "base", dtype=jnp.float32, progress=False)
     save_pretrained(merge_adapters(model), tmp_path / "merged", dtype=jnp.float32, progress=False)
-    assert save_peft_adapter(model, tmp_path / "adapter", LoRAConfig(rank=4, targets=NO_EXPERTS)) == []
+    assert save_peft_adapter(model, tmp_path / "adapter", lora) == []
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
     peft_model = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32), tmp_path / "adapter"
@@ -209,12 +212,14 @@ def test_merged_export_and_peft_adapter_match_transformers(tmp_path):
     merged_vs_ours = float(np.max(np.abs(merged_logits - ours)))
     peft_vs_merged = float(np.max(np.abs(peft_logits - merged_logits)))
     peft_vs_base = float(np.max(np.abs(peft_logits - np.asarray(base(jnp.asarray(ids))))))
-    print(f"[lora] merged export vs ours {merged_vs_ours:.2e}, PEFT vs merged {peft_vs_merged:.2e}")
+    print(f"[lora] {cfg.model_type}: merged export vs ours {merged_vs_ours:.2e}, PEFT vs merged {peft_vs_merged:.2e}")
     assert merged_vs_ours <= 1e-5 and peft_vs_merged <= 1e-5
     assert peft_vs_base > 1e-2, "the PEFT adapter did not change the model"
 
 
-def test_routed_expert_adapters_go_to_the_merged_export_only(tmp_path, caplog):
+def test_moe_mlp_adapters_go_to_the_merged_export_only(tmp_path, caplog):
+    """Routed experts (fused in transformers) and, for an MoE model, every gate/up/down adapter (PEFT 0.21 remaps
+    those names onto the fused experts) are folded into the merged export and named in one warning."""
     import torch
     from safetensors.numpy import load_file
     from transformers import AutoModelForCausalLM
@@ -229,25 +234,28 @@ def test_routed_expert_adapters_go_to_the_merged_export_only(tmp_path, caplog):
     assert diff <= 1e-5
     with caplog.at_level(logging.WARNING, logger="ernie_jax.hf.peft_adapter"):
         left_out = save_peft_adapter(model, tmp_path / "adapter", LoRAConfig(rank=4))
-    assert sorted(p.rsplit(".", 1)[-1] for p in left_out) == ["w_down", "w_gate", "w_up"]
+    assert {".".join(p.split(".")[-2:]) for p in left_out} == {
+        "ffn.gate", "ffn.up", "ffn.down", "shared.gate", "shared.up", "shared.down", "ffn.w_gate", "ffn.w_up",
+        "ffn.w_down",
+    }  # fmt: skip
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "routed-expert" in warnings[0] and "export_hf" in warnings[0]
+    assert len(warnings) == 1 and "export_hf" in warnings[0] and "ffn.w_gate" in warnings[0], warnings
     names = load_file(tmp_path / "adapter" / ADAPTER_WEIGHTS)
-    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in names
-    assert names["base_model.model.model.layers.1.mlp.shared_experts.down_proj.lora_B.weight"].shape == (32, 4)
-    assert not any("experts." in n and "shared" not in n for n in names)
+    assert names["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (4, 32)
+    assert names["base_model.model.model.layers.2.self_attn.o_proj.lora_B.weight"].shape == (32, 4)
+    assert not any("mlp" in n for n in names)
 
 
 def test_lora_sft_command_exports_merged_and_peft(tmp_path):
-    """The trainer with --init-from-hf, lora.rank, export_hf and export_peft: PEFT on the base equals the merged
-    export when routed experts are not targeted."""
+    """The trainer with --init-from-hf, lora.rank, export_hf and export_peft on the tiny MoE: PEFT on the base
+    equals the merged export (attention adapters, which a PEFT adapter of an MoE model carries)."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from tests.helpers import hf_model
 
-    targets = "lora.targets=" + ",".join(NO_EXPERTS)
+    targets = "lora.targets=" + ",".join(ATTENTION)
     cfg = _trainer_cfg(tmp_path / "run", "steps=3", targets)
     hf_model(cfg.model, seed=3).save_pretrained(tmp_path / "base")
     out = train_mod.train(

@@ -4,9 +4,13 @@
 tensors are named after transformers' modules: `base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`
 [r, in] and `...lora_B.weight` [out, r]. PEFT's scaling (lora_alpha / r, or / sqrt(r) with use_rslora) is ours.
 
-Routed experts are not written: transformers keeps each layer's experts as fused 3D tensors (`mlp.experts.gate_up_proj`,
-`mlp.experts.down_proj`), not Linear modules, so PEFT's LoRA layers cannot be placed on them. Their adapters reach
-transformers only folded into the merged model (`export_hf`).
+What a PEFT adapter cannot carry reaches transformers only folded into the merged model (`export_hf`):
+- Routed experts: transformers keeps each layer's experts as fused 3D tensors (`mlp.experts.gate_up_proj`,
+  `mlp.experts.down_proj`), not Linear modules, so PEFT's LoRA layers cannot be placed on them.
+- Any gate/up/down projection of an MoE model (its dense layers and shared experts included): PEFT 0.21 with
+  transformers 5 rewrites every `*.gate_proj` / `*.up_proj` / `*.down_proj` target of an `ernie4_5_moe` model into
+  the fused routed-expert tensors (its v4-to-v5 MoE conversion), so such adapters would land on the wrong weights.
+A dense model (`ernie4_5`) exports every adapter.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ log = logging.getLogger(__name__)
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+MLP_PROJECTIONS = (".gate_proj", ".up_proj", ".down_proj")
 
 
 def _key(path) -> tuple[str, ...]:
@@ -33,8 +38,8 @@ def _key(path) -> tuple[str, ...]:
 
 
 def adapter_tensors(model) -> tuple[dict[str, np.ndarray], list[str], list[str]]:
-    """PEFT-named adapter tensors (fp32), the transformers modules they target, and the routed-expert weights
-    left out (our parameter paths)."""
+    """PEFT-named adapter tensors (fp32), the transformers modules they target, and the adapted weights PEFT cannot
+    carry (our parameter paths; see the module docstring)."""
     maps = {_key(m.path): m for m in tensor_maps(model.config)}
     matrices: dict[tuple[str, ...], dict[str, np.ndarray]] = {}
     for path, var in nnx.to_flat_state(nnx.state(model, LoRAParam)):
@@ -43,7 +48,11 @@ def adapter_tensors(model) -> tuple[dict[str, np.ndarray], list[str], list[str]]
     for adapter_path, ab in sorted(matrices.items()):
         weight_path = (*adapter_path[:-1], adapter_path[-1].removesuffix(ADAPTER_SUFFIX))
         target = maps[weight_path]
-        if target.hf_keys.ndim != 1:  # [R, E]: one HF tensor per routed expert, fused in transformers
+        per_expert = target.hf_keys.ndim != 1  # [R, E]: one HF tensor per routed expert, fused in transformers
+        remapped_by_peft = model.config.is_moe and str(target.hf_keys.flat[0]).removesuffix(".weight").endswith(
+            MLP_PROJECTIONS
+        )
+        if per_expert or remapped_by_peft:
             left_out.append(".".join(weight_path))
             continue
         a, b = ab["a"], ab["b"]  # [R, *in, r], [R, r, *out]
@@ -57,7 +66,7 @@ def adapter_tensors(model) -> tuple[dict[str, np.ndarray], list[str], list[str]]
 
 
 def save_peft_adapter(model, path: str | os.PathLike, cfg: LoRAConfig, *, base_model: str | None = None) -> list[str]:
-    """Write `model`'s adapters to `path` as a PEFT LoRA adapter; returns the routed-expert weights left out."""
+    """Write `model`'s adapters to `path` as a PEFT LoRA adapter; returns the adapted weights left out."""
     tensors, modules, left_out = adapter_tensors(model)
     config = {
         "peft_type": "LORA",
@@ -84,9 +93,11 @@ def save_peft_adapter(model, path: str | os.PathLike, cfg: LoRAConfig, *, base_m
     os.replace(config_file + ".tmp", config_file)
     if left_out:
         log.warning(
-            "export_peft: the routed-expert adapters of %d layer weight(s) are not in %s: transformers stores experts "
-            "as fused tensors, which PEFT cannot adapt; they are folded into the merged model (export_hf)",
+            "export_peft: %d adapted MLP weight(s) of this MoE model (%s) are not in %s: transformers fuses the routed "
+            "experts into 3D tensors that PEFT cannot adapt, and PEFT 0.21 redirects every gate/up/down_proj target of "
+            "an ernie4_5_moe model onto them; only the merged model (export_hf) carries these adapters",
             len(left_out),
+            ", ".join(sorted({".".join(p.split(".")[-2:]) for p in left_out})),
             path,
         )
     return left_out
