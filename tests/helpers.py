@@ -146,3 +146,16 @@ SMALL_TRAIN_OVERRIDES = [
     "log_every=1",
     "sample_tokens=0",
 ]
+
+
+def tpu_topology_devices(topology: str):
+    """The devices of a TPU topology (e.g. "v5p:2x2x1") to compile for from this CPU host.
+
+    Skips, with the reason, only when libtpu is not installed; with libtpu present, any failure is a test failure.
+    """
+    import pytest
+
+    pytest.importorskip("libtpu", reason="TPU AOT compiles need libtpu: pip install -e '.[tpu]'")
+    from jax.experimental import topologies
+
+    return topologies.get_topology_desc(platform="tpu", topology_name=topology).devices

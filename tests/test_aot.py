@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.helpers import tpu_topology_devices
+
 pytestmark = pytest.mark.tpu
 
 
@@ -11,10 +13,7 @@ def _report(topology: str, overrides: list[str]) -> dict:
     from ernie_jax import aot
     from ernie_jax.train_config import apply_overrides, load_preset
 
-    try:
-        aot.topology_devices(aot.resolve_topology(topology)[1])
-    except Exception as e:  # noqa: BLE001 - no libtpu: say how to get it
-        pytest.skip(f"TPU AOT compile needs libtpu (pip install -e '.[tpu]'): {e}")
+    tpu_topology_devices(aot.resolve_topology(topology)[1])  # skips only without libtpu
     return aot.compile_report(apply_overrides(load_preset("a3b_tpu"), overrides), topology)
 
 

@@ -12,6 +12,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ernie_jax.hlo_stats import Module, roofline_seconds
+from tests.helpers import tpu_topology_devices
 
 LAYERS = 6
 # cost_analysis also counts elementwise FLOPs (tanh, adds), which hlo_stats leaves out: a few percent.
@@ -57,12 +58,7 @@ def test_loop_bodies_weighted_by_trip_count_cpu():
 
 def _tpu_devices(topology: str = "v5p:2x2x1"):
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-    from jax.experimental import topologies
-
-    try:
-        return topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
-    except Exception as e:  # noqa: BLE001 - no libtpu: say how to get it
-        pytest.skip(f"TPU AOT compile needs libtpu (pip install -e '.[tpu]'): {e}")
+    return tpu_topology_devices(topology)  # skips only without libtpu
 
 
 @pytest.mark.tpu

@@ -16,6 +16,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import pallas_kernels
+from tests.helpers import tpu_topology_devices
 
 pytestmark = pytest.mark.tpu
 
@@ -29,12 +30,7 @@ HEADS, KV_HEADS, HEAD_DIM = 20, 4, 128
 def tpu_mesh(topology: str, axis: str) -> Mesh:
     # Compiling only: skip libtpu's one-process-per-host lockfile, so a second test process can compile too.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    try:
-        from jax.experimental import topologies
-
-        devices = topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
-    except Exception as e:  # noqa: BLE001 - no libtpu: say how to get it
-        pytest.skip(f"TPU AOT compile needs libtpu (pip install 'jax[tpu]'): {e}")
+    devices = tpu_topology_devices(topology)  # skips only without libtpu
     return Mesh(np.array(devices).reshape(-1), (axis,))
 
 

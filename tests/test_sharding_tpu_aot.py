@@ -11,18 +11,14 @@ from jax.sharding import NamedSharding
 
 import sharding
 from ernie_jax.moe import expert_swiglu
+from tests.helpers import tpu_topology_devices
 
 pytestmark = pytest.mark.tpu
 
 
 @functools.cache
 def tpu_devices(topology: str):
-    try:
-        from jax.experimental import topologies
-
-        return topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
-    except Exception as e:  # noqa: BLE001 - no libtpu: say how to get it
-        pytest.skip(f"TPU AOT compile needs libtpu (pip install -e '.[tpu]'): {e}")
+    return tpu_topology_devices(topology)  # skips only without libtpu
 
 
 @pytest.mark.parametrize("transport", ["ragged_a2a", "allgather", "ragged_a2a_bounded"])
