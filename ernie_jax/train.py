@@ -426,8 +426,8 @@ def train(cfg: TrainConfig, name: str = "custom", *, progress: bool = True) -> d
         merged = merge_adapters(model) if cfg.lora.enabled else model
         save_pretrained(merged, cfg.export_hf, dtype=dtype, progress=progress and is_main)
         log.info("Exported the trained model to %s (Hugging Face format, %s)", cfg.export_hf, jnp.dtype(dtype).name)
-    if cfg.export_peft and is_main:
-        save_peft_adapter(model, cfg.export_peft, cfg.lora, base_model=cfg.init_from_hf)
+    if cfg.export_peft:
+        save_peft_adapter(model, cfg.export_peft, cfg.lora, base_model=cfg.init_from_hf, write=is_main)
         log.info("Exported the LoRA adapters to %s (PEFT format)", cfg.export_peft)
     return summary
 

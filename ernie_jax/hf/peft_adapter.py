@@ -19,8 +19,10 @@ import json
 import logging
 import os
 
+import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from safetensors.numpy import save_file
 
 from ernie_jax.hf.names import tensor_maps
@@ -37,13 +39,20 @@ def _key(path) -> tuple[str, ...]:
     return tuple(str(p) for p in path)
 
 
+def _host_array(x: jax.Array) -> np.ndarray:
+    """The whole array on this host (adapters are small); across processes every process must call this."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x, np.float32)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True), np.float32)
+
+
 def adapter_tensors(model) -> tuple[dict[str, np.ndarray], list[str], list[str]]:
     """PEFT-named adapter tensors (fp32), the transformers modules they target, and the adapted weights PEFT cannot
     carry (our parameter paths; see the module docstring)."""
     maps = {_key(m.path): m for m in tensor_maps(model.config)}
     matrices: dict[tuple[str, ...], dict[str, np.ndarray]] = {}
     for path, var in nnx.to_flat_state(nnx.state(model, LoRAParam)):
-        matrices.setdefault(_key(path[:-1]), {})[str(path[-1])] = np.asarray(var.get_value(), np.float32)
+        matrices.setdefault(_key(path[:-1]), {})[str(path[-1])] = _host_array(var.get_value())
     tensors, modules, left_out = {}, [], []
     for adapter_path, ab in sorted(matrices.items()):
         weight_path = (*adapter_path[:-1], adapter_path[-1].removesuffix(ADAPTER_SUFFIX))
@@ -65,9 +74,15 @@ def adapter_tensors(model) -> tuple[dict[str, np.ndarray], list[str], list[str]]
     return tensors, modules, left_out
 
 
-def save_peft_adapter(model, path: str | os.PathLike, cfg: LoRAConfig, *, base_model: str | None = None) -> list[str]:
-    """Write `model`'s adapters to `path` as a PEFT LoRA adapter; returns the adapted weights left out."""
+def save_peft_adapter(
+    model, path: str | os.PathLike, cfg: LoRAConfig, *, base_model: str | None = None, write: bool = True
+) -> list[str]:
+    """Write `model`'s adapters to `path` as a PEFT LoRA adapter; returns the adapted weights left out.
+
+    With several processes every process calls this (the adapters are gathered), and only `write=True` writes."""
     tensors, modules, left_out = adapter_tensors(model)
+    if not write:
+        return left_out
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
