@@ -25,7 +25,7 @@ from ernie_jax.train_config import apply_overrides, load_preset
 from ernie_jax.train_step import make_train_step, split_model, trainable_params
 from tests.helpers import SMALL_TRAIN_OVERRIDES, TINY_DENSE, TINY_MOE, TINY_MOE_INTERVAL, hf_logits, random_ids
 
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")  # what a PEFT adapter of an MoE model can carry
+NO_EXPERTS = tuple(t for t in ALL_TARGETS if t != "experts")  # what a PEFT adapter carries
 
 
 def lora_model(cfg, lora: LoRAConfig, *, seed: int = 0, perturb: float = 0.0):
@@ -189,7 +189,7 @@ def _torch_ids(cfg):
 
 
 @pytest.mark.parametrize(
-    "cfg, targets", [(TINY_DENSE, ALL_TARGETS), (TINY_MOE, ATTENTION)], ids=["dense_all", "moe_attention"]
+    "cfg, targets", [(TINY_DENSE, ALL_TARGETS), (TINY_MOE, NO_EXPERTS)], ids=["dense", "moe_no_routed_experts"]
 )
 def test_merged_export_and_peft_adapter_match_transformers(tmp_path, cfg, targets):
     """Our unmerged LoRA logits = transformers on the merged export = transformers + PEFT on the base checkpoint."""
@@ -217,9 +217,9 @@ def test_merged_export_and_peft_adapter_match_transformers(tmp_path, cfg, target
     assert peft_vs_base > 1e-2, "the PEFT adapter did not change the model"
 
 
-def test_moe_mlp_adapters_go_to_the_merged_export_only(tmp_path, caplog):
-    """Routed experts (fused in transformers) and, for an MoE model, every gate/up/down adapter (PEFT 0.21 remaps
-    those names onto the fused experts) are folded into the merged export and named in one warning."""
+def test_routed_expert_adapters_go_to_the_merged_export_only(tmp_path, caplog):
+    """Routed-expert adapters (fused tensors in transformers) are folded into the merged export, left out of the PEFT
+    adapter with one warning; the MoE model's dense and shared-expert MLPs are PEFT target parameters."""
     import torch
     from safetensors.numpy import load_file
     from transformers import AutoModelForCausalLM
@@ -234,28 +234,29 @@ def test_moe_mlp_adapters_go_to_the_merged_export_only(tmp_path, caplog):
     assert diff <= 1e-5
     with caplog.at_level(logging.WARNING, logger="ernie_jax.hf.peft_adapter"):
         left_out = save_peft_adapter(model, tmp_path / "adapter", LoRAConfig(rank=4))
-    assert {".".join(p.split(".")[-2:]) for p in left_out} == {
-        "ffn.gate", "ffn.up", "ffn.down", "shared.gate", "shared.up", "shared.down", "ffn.w_gate", "ffn.w_up",
-        "ffn.w_down",
-    }  # fmt: skip
+    assert sorted(p.rsplit(".", 1)[-1] for p in left_out) == ["w_down", "w_gate", "w_up"]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "export_hf" in warnings[0] and "ffn.w_gate" in warnings[0], warnings
+    assert len(warnings) == 1 and "routed-expert" in warnings[0] and "export_hf" in warnings[0], warnings
     names = load_file(tmp_path / "adapter" / ADAPTER_WEIGHTS)
     assert names["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (4, 32)
-    assert names["base_model.model.model.layers.2.self_attn.o_proj.lora_B.weight"].shape == (32, 4)
-    assert not any("mlp" in n for n in names)
+    assert names["base_model.model.model.layers.1.mlp.shared_experts.down_proj.lora_B.weight"].shape == (32, 4)
+    assert not any("mlp.experts" in n for n in names)
+    with open(tmp_path / "adapter" / "adapter_config.json") as f:
+        config = json.load(f)
+    assert "model.layers.0.mlp.gate_proj.weight" in config["target_parameters"]
+    assert all("self_attn" in m for m in config["target_modules"])
 
 
 def test_lora_sft_command_exports_merged_and_peft(tmp_path):
     """The trainer with --init-from-hf, lora.rank, export_hf and export_peft on the tiny MoE: PEFT on the base
-    equals the merged export (attention adapters, which a PEFT adapter of an MoE model carries)."""
+    equals the merged export (every adapter but the routed experts')."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from tests.helpers import hf_model
 
-    targets = "lora.targets=" + ",".join(ATTENTION)
+    targets = "lora.targets=" + ",".join(NO_EXPERTS)
     cfg = _trainer_cfg(tmp_path / "run", "steps=3", targets)
     hf_model(cfg.model, seed=3).save_pretrained(tmp_path / "base")
     out = train_mod.train(

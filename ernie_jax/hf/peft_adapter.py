@@ -4,13 +4,14 @@
 tensors are named after transformers' modules: `base_model.model.model.layers.{i}.self_attn.q_proj.lora_A.weight`
 [r, in] and `...lora_B.weight` [out, r]. PEFT's scaling (lora_alpha / r, or / sqrt(r) with use_rslora) is ours.
 
-What a PEFT adapter cannot carry reaches transformers only folded into the merged model (`export_hf`):
-- Routed experts: transformers keeps each layer's experts as fused 3D tensors (`mlp.experts.gate_up_proj`,
-  `mlp.experts.down_proj`), not Linear modules, so PEFT's LoRA layers cannot be placed on them.
-- Any gate/up/down projection of an MoE model (its dense layers and shared experts included): PEFT 0.21 with
-  transformers 5 rewrites every `*.gate_proj` / `*.up_proj` / `*.down_proj` target of an `ernie4_5_moe` model into
-  the fused routed-expert tensors (its v4-to-v5 MoE conversion), so such adapters would land on the wrong weights.
-A dense model (`ernie4_5`) exports every adapter.
+In an MoE model the dense-layer and shared-expert projections are named as *parameters* (`target_parameters`,
+e.g. `model.layers.1.mlp.shared_experts.gate_proj.weight`), not as modules: PEFT 0.21 with transformers 5 rewrites
+every `*.gate_proj` / `*.up_proj` / `*.down_proj` module target of an `ernie4_5_moe` model into the fused routed-expert
+tensors (its v4-to-v5 MoE conversion), which would put those adapters on the wrong weights. PEFT's parameter wrapper
+applies the same W + s * B @ A to the Linear weight, under the same tensor names.
+
+Routed experts are not written: transformers keeps each layer's experts as fused 3D tensors (`mlp.experts.gate_up_proj`,
+`mlp.experts.down_proj`); their adapters reach transformers folded into the merged model (`export_hf`).
 """
 
 from __future__ import annotations
@@ -46,22 +47,18 @@ def _host_array(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True), np.float32)
 
 
-def adapter_tensors(model) -> tuple[dict[str, np.ndarray], list[str], list[str]]:
-    """PEFT-named adapter tensors (fp32), the transformers modules they target, and the adapted weights PEFT cannot
-    carry (our parameter paths; see the module docstring)."""
+def adapter_tensors(model) -> tuple[dict[str, np.ndarray], list[str], list[str], list[str]]:
+    """PEFT-named adapter tensors (fp32), the transformers modules and parameters they target, and the routed-expert
+    weights left out (our parameter paths)."""
     maps = {_key(m.path): m for m in tensor_maps(model.config)}
     matrices: dict[tuple[str, ...], dict[str, np.ndarray]] = {}
     for path, var in nnx.to_flat_state(nnx.state(model, LoRAParam)):
         matrices.setdefault(_key(path[:-1]), {})[str(path[-1])] = _host_array(var.get_value())
-    tensors, modules, left_out = {}, [], []
+    tensors, modules, parameters, left_out = {}, [], [], []
     for adapter_path, ab in sorted(matrices.items()):
         weight_path = (*adapter_path[:-1], adapter_path[-1].removesuffix(ADAPTER_SUFFIX))
         target = maps[weight_path]
-        per_expert = target.hf_keys.ndim != 1  # [R, E]: one HF tensor per routed expert, fused in transformers
-        remapped_by_peft = model.config.is_moe and str(target.hf_keys.flat[0]).removesuffix(".weight").endswith(
-            MLP_PROJECTIONS
-        )
-        if per_expert or remapped_by_peft:
+        if target.hf_keys.ndim != 1:  # [R, E]: one HF tensor per routed expert, fused in transformers
             left_out.append(".".join(weight_path))
             continue
         a, b = ab["a"], ab["b"]  # [R, *in, r], [R, r, *out]
@@ -70,8 +67,12 @@ def adapter_tensors(model) -> tuple[dict[str, np.ndarray], list[str], list[str]]
             module = str(hf_key).removesuffix(".weight")
             tensors[f"base_model.model.{module}.lora_A.weight"] = np.ascontiguousarray(a[r].reshape(-1, rank).T)
             tensors[f"base_model.model.{module}.lora_B.weight"] = np.ascontiguousarray(b[r].reshape(rank, -1).T)
-            modules.append(module)
-    return tensors, modules, left_out
+            # An MoE model's MLP projections are targeted as parameters (see the module docstring).
+            if model.config.is_moe and module.endswith(MLP_PROJECTIONS):
+                parameters.append(str(hf_key))
+            else:
+                modules.append(module)
+    return tensors, modules, parameters, left_out
 
 
 def save_peft_adapter(
@@ -80,7 +81,7 @@ def save_peft_adapter(
     """Write `model`'s adapters to `path` as a PEFT LoRA adapter; returns the adapted weights left out.
 
     With several processes every process calls this (the adapters are gathered), and only `write=True` writes."""
-    tensors, modules, left_out = adapter_tensors(model)
+    tensors, modules, parameters, left_out = adapter_tensors(model)
     if not write:
         return left_out
     config = {
@@ -92,6 +93,7 @@ def save_peft_adapter(
         "lora_dropout": cfg.dropout,
         "use_rslora": cfg.rslora,
         "target_modules": sorted(modules),  # whole module names: nothing else (e.g. other gate_proj) matches
+        "target_parameters": sorted(parameters) or None,
         "bias": "none",
         "fan_in_fan_out": False,
         "modules_to_save": None,
@@ -108,11 +110,11 @@ def save_peft_adapter(
     os.replace(config_file + ".tmp", config_file)
     if left_out:
         log.warning(
-            "export_peft: %d adapted MLP weight(s) of this MoE model (%s) are not in %s: transformers fuses the routed "
-            "experts into 3D tensors that PEFT cannot adapt, and PEFT 0.21 redirects every gate/up/down_proj target of "
-            "an ernie4_5_moe model onto them; only the merged model (export_hf) carries these adapters",
+            "export_peft: the routed-expert adapters (%s, %d layer group weight(s)) are not in %s: transformers fuses "
+            "each layer's experts into 3D tensors, where this export does not place them; the merged model "
+            "(export_hf) carries them",
+            ", ".join(sorted({p.rsplit(".", 1)[-1] for p in left_out})),
             len(left_out),
-            ", ".join(sorted({".".join(p.split(".")[-2:]) for p in left_out})),
             path,
         )
     return left_out
