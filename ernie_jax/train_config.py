@@ -145,8 +145,7 @@ class TrainConfig:
     export_hf: str | None = None  # write the final model there with save_pretrained
     # dtype of the exported tensors; "auto": the dtype of the --init-from-hf checkpoint, else bfloat16
     export_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    # LoRA runs: write the adapters as a PEFT adapter directory (attention, dense MLP and shared experts; routed
-    # experts' adapters are only in export_hf's merged model)
+    # LoRA runs: write the adapters as a PEFT adapter directory (peft.PeftModel.from_pretrained on the base model)
     export_peft: str | None = None
     sample_prompt: str = "The "
     sample_tokens: int = 64  # greedy sample printed at the end (0 = none)

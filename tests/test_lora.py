@@ -4,7 +4,6 @@ is exact, and the exports (merged HF model, PEFT adapter) give transformers the 
 from __future__ import annotations
 
 import json
-import logging
 import os
 
 import jax
@@ -24,8 +23,6 @@ from ernie_jax.optim import make_optimizer
 from ernie_jax.train_config import apply_overrides, load_preset
 from ernie_jax.train_step import make_train_step, split_model, trainable_params
 from tests.helpers import SMALL_TRAIN_OVERRIDES, TINY_DENSE, TINY_MOE, TINY_MOE_INTERVAL, hf_logits, random_ids
-
-NO_EXPERTS = tuple(t for t in ALL_TARGETS if t != "experts")  # what a PEFT adapter carries
 
 
 def lora_model(cfg, lora: LoRAConfig, *, seed: int = 0, perturb: float = 0.0):
@@ -189,21 +186,29 @@ def _torch_ids(cfg):
 
 
 @pytest.mark.parametrize(
-    "cfg, targets", [(TINY_DENSE, ALL_TARGETS), (TINY_MOE, NO_EXPERTS)], ids=["dense", "moe_no_routed_experts"]
+    "cfg, targets, rslora",
+    [
+        (TINY_DENSE, ALL_TARGETS, False),
+        (TINY_MOE, ALL_TARGETS, False),
+        (TINY_MOE_INTERVAL, ALL_TARGETS, True),
+        (TINY_MOE, ("q_proj", "gate_proj", "experts"), False),  # experts: gate only, one PEFT wrapper
+    ],
+    ids=["dense", "moe", "moe_interval_rslora", "moe_gate_only"],
 )
-def test_merged_export_and_peft_adapter_match_transformers(tmp_path, cfg, targets):
-    """Our unmerged LoRA logits = transformers on the merged export = transformers + PEFT on the base checkpoint."""
+def test_merged_export_and_peft_adapter_match_transformers(tmp_path, cfg, targets, rslora):
+    """Our unmerged LoRA logits = transformers on the merged export = transformers + PEFT on the base checkpoint,
+    routed-expert adapters included (PEFT's wrapper of the fused expert tensors)."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     ids = _torch_ids(cfg)
-    lora = LoRAConfig(rank=4, targets=targets)
+    lora = LoRAConfig(rank=4, alpha=6, targets=targets, rslora=rslora)
     base, model = lora_model(cfg, lora, perturb=0.05)
     ours = np.asarray(model(jnp.asarray(ids)))
     save_pretrained(base, tmp_path / "base", dtype=jnp.float32, progress=False)
     save_pretrained(merge_adapters(model), tmp_path / "merged", dtype=jnp.float32, progress=False)
-    assert save_peft_adapter(model, tmp_path / "adapter", lora) == []
+    save_peft_adapter(model, tmp_path / "adapter", lora)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
     peft_model = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32), tmp_path / "adapter"
@@ -212,58 +217,49 @@ def test_merged_export_and_peft_adapter_match_transformers(tmp_path, cfg, target
     merged_vs_ours = float(np.max(np.abs(merged_logits - ours)))
     peft_vs_merged = float(np.max(np.abs(peft_logits - merged_logits)))
     peft_vs_base = float(np.max(np.abs(peft_logits - np.asarray(base(jnp.asarray(ids))))))
-    print(f"[lora] {cfg.model_type}: merged export vs ours {merged_vs_ours:.2e}, PEFT vs merged {peft_vs_merged:.2e}")
+    what = f"{cfg.model_type} {len(targets)} targets{' rslora' if rslora else ''}"
+    print(f"[lora] {what}: merged export vs ours {merged_vs_ours:.2e}, PEFT vs merged {peft_vs_merged:.2e}")
     assert merged_vs_ours <= 1e-5 and peft_vs_merged <= 1e-5
     assert peft_vs_base > 1e-2, "the PEFT adapter did not change the model"
 
 
-def test_routed_expert_adapters_go_to_the_merged_export_only(tmp_path, caplog):
-    """Routed-expert adapters (fused tensors in transformers) are folded into the merged export, left out of the PEFT
-    adapter with one warning; the MoE model's dense and shared-expert MLPs are PEFT target parameters."""
-    import torch
+def test_peft_adapter_names_and_layout(tmp_path):
+    """Attention as target modules; an MoE model's dense and shared MLPs as target parameters (PEFT 0.21 would move
+    module targets named *_proj onto the fused experts); routed experts as the fused tensors, gate_up at rank 2r."""
     from safetensors.numpy import load_file
-    from transformers import AutoModelForCausalLM
 
-    cfg = TINY_MOE
-    ids = _torch_ids(cfg)
+    cfg = TINY_MOE  # D 32, experts 8 x F 16, shared 2 x 16
     _, model = lora_model(cfg, LoRAConfig(rank=4), perturb=0.05)
-    save_pretrained(merge_adapters(model), tmp_path / "merged", dtype=jnp.float32, progress=False)
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
-    diff = float(np.max(np.abs(hf_logits(merged, ids) - np.asarray(model(jnp.asarray(ids))))))
-    print(f"[lora] merged export with routed-expert adapters vs ours {diff:.2e}")
-    assert diff <= 1e-5
-    with caplog.at_level(logging.WARNING, logger="ernie_jax.hf.peft_adapter"):
-        left_out = save_peft_adapter(model, tmp_path / "adapter", LoRAConfig(rank=4))
-    assert sorted(p.rsplit(".", 1)[-1] for p in left_out) == ["w_down", "w_gate", "w_up"]
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "routed-expert" in warnings[0] and "export_hf" in warnings[0], warnings
+    save_peft_adapter(model, tmp_path / "adapter", LoRAConfig(rank=4))
     names = load_file(tmp_path / "adapter" / ADAPTER_WEIGHTS)
     assert names["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"].shape == (4, 32)
     assert names["base_model.model.model.layers.1.mlp.shared_experts.down_proj.lora_B.weight"].shape == (32, 4)
-    assert not any("mlp.experts" in n for n in names)
+    assert names["base_model.model.model.layers.1.mlp.experts.base_layer.lora_A.weight"].shape == (8 * 8, 32)
+    assert names["base_model.model.model.layers.1.mlp.experts.base_layer.lora_B.weight"].shape == (2 * 16, 8 * 8)
+    assert names["base_model.model.model.layers.2.mlp.experts.lora_A.weight"].shape == (8 * 4, 16)
     with open(tmp_path / "adapter" / "adapter_config.json") as f:
         config = json.load(f)
-    assert "model.layers.0.mlp.gate_proj.weight" in config["target_parameters"]
     assert all("self_attn" in m for m in config["target_modules"])
+    assert "model.layers.0.mlp.gate_proj.weight" in config["target_parameters"]
+    assert "model.layers.2.mlp.experts.gate_up_proj" in config["target_parameters"]
+    assert config["rank_pattern"] == {r".*\.gate_up_proj": 8} and config["alpha_pattern"] == {r".*\.gate_up_proj": 16}
 
 
 def test_lora_sft_command_exports_merged_and_peft(tmp_path):
     """The trainer with --init-from-hf, lora.rank, export_hf and export_peft on the tiny MoE: PEFT on the base
-    equals the merged export (every adapter but the routed experts')."""
+    equals the merged export, every adapter (routed experts included) trained."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from tests.helpers import hf_model
 
-    targets = "lora.targets=" + ",".join(NO_EXPERTS)
-    cfg = _trainer_cfg(tmp_path / "run", "steps=3", targets)
+    cfg = _trainer_cfg(tmp_path / "run", "steps=3")
     hf_model(cfg.model, seed=3).save_pretrained(tmp_path / "base")
     out = train_mod.train(
         _trainer_cfg(
             tmp_path / "run",
             "steps=3",
-            targets,
             f"init_from_hf={tmp_path / 'base'}",
             f"export_hf={tmp_path / 'merged'}",
             f"export_peft={tmp_path / 'adapter'}",
