@@ -171,6 +171,7 @@ def _losses(run_dir) -> dict[int, float]:
         return {r["step"]: r["loss"] for r in map(json.loads, f)}
 
 
+@pytest.mark.slow  # three trainer runs: about 45 s on 2 cores
 def test_lora_resume_is_exact(tmp_path):
     train_mod.train(_trainer_cfg(tmp_path / "full", "steps=4", "checkpoint.every=2"), progress=False)
     train_mod.train(_trainer_cfg(tmp_path / "cut", "steps=2", "checkpoint.every=2"), progress=False)
