@@ -129,7 +129,19 @@ def _kept_segments(counts: jax.Array, kept: jax.Array) -> jax.Array:
 
 
 def _ragged_body(
-    x, experts, weights, w_gate, w_up, w_down, *, expert_fn, ep_axes, d_axes, f_axes, buffer_factor, ragged_all_to_all
+    x,
+    experts,
+    weights,
+    w_gate,
+    w_up,
+    w_down,
+    *,
+    expert_fn,
+    ep_axes,
+    d_axes,
+    f_axes,
+    buffer_factor,
+    ragged_all_to_all=jax.lax.ragged_all_to_all,
 ):
     if d_axes:
         w_gate = jax.lax.all_gather(w_gate, d_axes, axis=1, tiled=True)
