@@ -255,7 +255,7 @@ def test_moe_block_matches_numpy():
 SMALL_MOE = TINY_MOE.replace(num_hidden_layers=2, moe_layer_end_index=1)
 
 
-def _tiny_model(cfg=SMALL_MOE, seed=0):
+def tiny_model(cfg=SMALL_MOE, seed=0):
     return ErnieForCausalLM(cfg, rngs=nnx.Rngs(seed), dtype=jnp.float32, param_dtype=jnp.float32)
 
 
@@ -285,7 +285,7 @@ def _packed_row(lengths, t, vocab, seed):
 
 
 def test_packed_row_logits_equal_each_document_alone():
-    model = _tiny_model()
+    model = tiny_model()
     lengths, t = (5, 7, 3), 16
     docs, ids, _, segs, pos = _packed_row(lengths, t, model.config.vocab_size, seed=7)
     packed = jax.jit(lambda state, *a: nnx.merge(*state)(a[0], positions=a[1], segment_ids=a[2]))(
@@ -297,12 +297,12 @@ def test_packed_row_logits_equal_each_document_alone():
         start += n
 
 
-def _train_cfg(*overrides):
+def train_cfg(*overrides):
     """The tiny preset's training settings; the model itself comes from tests.helpers (the step takes a graphdef)."""
     return apply_overrides(load_preset("tiny"), list(overrides))
 
 
-def _batch(rows):
+def batch_of(rows):
     keys = ("input_ids", "targets", "segment_ids", "positions")
     batch = {key: jnp.asarray(np.stack([r[i] for r in rows])) for i, key in enumerate(keys)}
     batch["loss_mask"] = (batch["segment_ids"] > 0).astype(jnp.float32)
@@ -312,8 +312,8 @@ def _batch(rows):
 def test_train_step_loss_on_packed_rows_equals_documents_alone():
     """The step's CE is the mean over real tokens of each document's own next-token loss, computed here from the
     model run on each document alone: attention must not cross documents and positions must restart."""
-    model = _tiny_model()
-    cfg = _train_cfg("moe_loss.aux_loss_coef=0", "moe_loss.z_loss_coef=0", "moe_loss.ortho_loss_coef=0")
+    model = tiny_model()
+    cfg = train_cfg("moe_loss.aux_loss_coef=0", "moe_loss.z_loss_coef=0", "moe_loss.ortho_loss_coef=0")
     rows, ce_sum, tokens = [], 0.0, 0
     for seed, lengths in ((8, (6, 4, 5)), (9, (9, 7))):
         docs, *row = _packed_row(lengths, 16, model.config.vocab_size, seed)
@@ -324,7 +324,7 @@ def test_train_step_loss_on_packed_rows_equals_documents_alone():
     graphdef, params, biases = split_model(model)
     optimizer = optax.sgd(0.0)
     step = jax.jit(make_train_step(graphdef, cfg, optimizer))
-    _, _, _, metrics = step(params, biases, optimizer.init(params), _batch(rows), jnp.int32(0))
+    _, _, _, metrics = step(params, biases, optimizer.init(params), batch_of(rows), jnp.int32(0))
     assert float(metrics["tokens"]) == tokens
     np.testing.assert_allclose(float(metrics["ce"]), ce_sum / tokens, rtol=1e-5)
 
@@ -337,13 +337,13 @@ def test_grad_accumulation_equals_one_big_batch():
     """With plain SGD (update = -lr * grad, so the parameters show the gradient itself) at a non-zero learning rate,
     two micro-batches of 2 rows must give the step of one batch of 4 rows. Router aux/z terms are per-micro-batch
     means by design (not linear in the batch), so they are off here; the orthogonal term is parameter-only."""
-    model = _tiny_model()
+    model = tiny_model()
     graphdef, params, biases = split_model(model)
-    batch = _batch(_random_rows(4, 16, model.config.vocab_size, seed=10))
+    batch = batch_of(_random_rows(4, 16, model.config.vocab_size, seed=10))
     optimizer = optax.sgd(0.5)
     results = {}
     for accum in (1, 2):
-        cfg = _train_cfg(f"optim.grad_accum={accum}", "moe_loss.aux_loss_coef=0", "moe_loss.z_loss_coef=0")
+        cfg = train_cfg(f"optim.grad_accum={accum}", "moe_loss.aux_loss_coef=0", "moe_loss.z_loss_coef=0")
         step = jax.jit(make_train_step(graphdef, cfg, optimizer))
         results[accum] = step(params, biases, optimizer.init(params), batch, jnp.int32(5))
     (p1, b1, _, m1), (p2, b2, _, m2) = results[1], results[2]
@@ -356,12 +356,12 @@ def test_grad_accumulation_equals_one_big_batch():
 
 
 def test_nonfinite_step_leaves_params_optimizer_state_and_biases_unchanged():
-    model = _tiny_model()
+    model = tiny_model()
     graphdef, params, biases = split_model(model)
-    cfg = _train_cfg("nonfinite=skip", "optim.warmup_steps=0")
+    cfg = train_cfg("nonfinite=skip", "optim.warmup_steps=0")
     optimizer = make_optimizer(cfg.optim, 10, params)
     opt_state = optimizer.init(params)
-    batch = _batch(_random_rows(2, 16, model.config.vocab_size, seed=11))
+    batch = batch_of(_random_rows(2, 16, model.config.vocab_size, seed=11))
     batch["loss_mask"] = batch["loss_mask"].at[0, 3].set(jnp.nan)  # a poisoned token: loss and grads non-finite
     step = jax.jit(make_train_step(graphdef, cfg, optimizer))
     new_params, new_biases, new_opt_state, metrics = step(params, biases, opt_state, batch, jnp.int32(3))
@@ -403,7 +403,7 @@ def test_lr_schedule_matches_formula(decay):
 def test_adamw_with_schedule_clipping_and_decay_mask_matches_numpy():
     """Four AdamW steps on gradients of varying size, against the textbook update written out here: global-norm
     clipping, bias-corrected moments, decoupled weight decay on matrices only, learning rate schedule(step)."""
-    model = _tiny_model(TINY_MOE_INTERVAL)  # biases everywhere, untied head: every kind of parameter
+    model = tiny_model(TINY_MOE_INTERVAL)  # biases everywhere, untied head: every kind of parameter
     _, params, _ = split_model(model)
     lr, wd, b1, b2, eps, clip, total, warmup = 1e-2, 0.1, 0.9, 0.95, 1e-8, 1.0, 6, 2
     optim = dataclasses.replace(
@@ -452,166 +452,3 @@ def test_adamw_with_schedule_clipping_and_decay_mask_matches_numpy():
             np.testing.assert_allclose(
                 np.asarray(value.get_value()), expected[key(path)], atol=2e-6, rtol=1e-5, err_msg=f"step {i}: {path}"
             )
-
-
-# ------------------------------------------------------------------------------------ checkpoints, --init-from-hf
-
-
-def test_checkpoint_restore_returns_the_saved_optimizer_state(tmp_path):
-    """Restore into a fresh template must give back what was saved: parameters, router biases and the Adam
-    moments and step count (a resume with freshly initialised moments would silently restart Adam)."""
-    from ernie_jax.checkpointing import TrainCheckpointer
-
-    model = _tiny_model()
-    _, params, biases = split_model(model)
-    optimizer = make_optimizer(_train_cfg().optim, 10, params)
-    fresh = optimizer.init(params)
-    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
-    _, trained = optimizer.update(grads, fresh, params)  # moments and count now differ from a fresh init
-    biases = jax.tree.map(lambda b: b + 0.25, biases)
-    ckpt = TrainCheckpointer(str(tmp_path), keep=1, async_save=False)
-    ckpt.save(4, params=params, biases=biases, opt_state=trained, data_state={}, model=model.config, seed=0)
-    ckpt.wait()
-    template_params = jax.tree.map(jnp.zeros_like, params)
-    template_biases = jax.tree.map(jnp.zeros_like, biases)
-    restored = ckpt.restore_latest(params=template_params, biases=template_biases, opt_state=fresh, model=model.config)
-    ckpt.close()
-    assert restored["step"] == 4
-    for got, saved in ((restored["params"], params), (restored["biases"], biases), (restored["opt_state"], trained)):
-        jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got, saved)
-
-
-def test_init_from_hf_with_no_update_exports_the_checkpoint_logits(tmp_path):
-    """Train one step from a transformers checkpoint with a learning rate so small that no fp32 weight moves and
-    the bias update off, export, and the export's logits must be the original checkpoint's (transformers')."""
-    from ernie_jax import from_pretrained
-    from ernie_jax import train as train_mod
-    from tests.helpers import SMALL_TRAIN_OVERRIDES, hf_logits, hf_model, random_ids
-
-    overrides = [*SMALL_TRAIN_OVERRIDES, "checkpoint.async_save=false", f"run_dir={tmp_path / 'run'}"]
-    cfg = apply_overrides(load_preset("tiny"), overrides)
-    hf = hf_model(cfg.model, seed=5)
-    hf.save_pretrained(tmp_path / "hf_in")
-    train_mod.train(
-        apply_overrides(
-            cfg,
-            [
-                "steps=1",
-                "optim.lr=1e-30",
-                "moe_loss.bias_update_rate=0",
-                f"init_from_hf={tmp_path / 'hf_in'}",
-                f"export_hf={tmp_path / 'hf_out'}",
-            ],
-        ),
-        progress=False,
-    )
-    ids = random_ids(2, 12, cfg.model.vocab_size, seed=5)
-    exported = from_pretrained(tmp_path / "hf_out", dtype=jnp.float32)
-    np.testing.assert_allclose(np.asarray(exported(jnp.asarray(ids))), hf_logits(hf, ids), atol=1e-4, rtol=1e-5)
-
-
-# --------------------------------------------------------------------------------------- data over processes
-
-
-@pytest.mark.parametrize("mode", ["documents", "rows"])
-def test_processes_read_disjoint_parts_of_one_stream(tmp_path, mode):
-    """Two processes together see each document exactly once ("documents": each reads its own half of the
-    documents) or exactly the one-process global batch, split by rows ("rows")."""
-    import json
-    import re
-
-    from ernie_jax.data import DataConfig, make_iterator
-    from ernie_jax.data.tokenizers import ByteTokenizer
-
-    path = tmp_path / "docs.jsonl"
-    path.write_text("".join(json.dumps({"text": f"#{i}# " + "ab " * (i % 5 + 2)}) + "\n" for i in range(20)))
-    cfg = DataConfig(
-        sources=(str(path),), seq_len=16, global_batch_size=4, num_epochs=1, shuffle=False, process_sharding=mode
-    )
-    parts = [list(make_iterator(cfg, process_index=p, process_count=2)) for p in range(2)]
-    if mode == "rows":
-        whole = list(make_iterator(cfg))
-        assert len(whole) == len(parts[0]) == len(parts[1]) > 1
-        for batch, first, second in zip(whole, *parts, strict=True):
-            for key, rows in batch.items():
-                np.testing.assert_array_equal(np.concatenate([first[key], second[key]]), rows, err_msg=key)
-        return
-    tokenizer = ByteTokenizer()
-    seen = []
-    for batches in parts:
-        text = "".join(
-            tokenizer.decode(row[seg > 0].tolist())
-            for b in batches
-            for row, seg in zip(b["input_ids"], b["segment_ids"], strict=True)
-        )
-        seen.append(sorted(int(i) for i in re.findall(r"#(\d+)#", text)))
-    assert set(seen[0]).isdisjoint(seen[1]) and sorted(seen[0] + seen[1]) == list(range(20)), seen
-
-
-# ------------------------------------------------------------------------------------------ resume onto a new mesh
-
-
-def test_resume_onto_another_mesh_continues_the_uninterrupted_run(tmp_path):
-    """Stopped after 2 steps on an 8-way data-parallel mesh and resumed on fsdp 2 x expert 4, the run's losses at
-    steps 3 and 4 equal an uninterrupted run's (to reduction-order rounding): parameters, Adam moments, router
-    biases and the data position all carried over."""
-    import json
-
-    from ernie_jax import train as train_mod
-    from tests.helpers import SMALL_TRAIN_OVERRIDES
-
-    def run(run_dir, *extra):
-        cfg = apply_overrides(
-            load_preset("tiny"),
-            [
-                *SMALL_TRAIN_OVERRIDES,
-                "checkpoint.async_save=false",
-                "optim.warmup_steps=1",
-                f"run_dir={run_dir}",
-                *extra,
-            ],
-        )
-        train_mod.train(cfg, progress=False)
-        with open(run_dir / "metrics.jsonl") as f:
-            return {r["step"]: r["loss"] for r in map(json.loads, f)}
-
-    whole = run(tmp_path / "whole", "steps=4", "mesh.data=-1")
-    run(tmp_path / "cut", "steps=2", "checkpoint.every=2", "mesh.data=-1")
-    resumed = run(tmp_path / "cut", "steps=4", "mesh.data=1", "mesh.fsdp=2", "mesh.expert=4")
-    np.testing.assert_allclose([resumed[3], resumed[4]], [whole[3], whole[4]], rtol=2e-5)
-
-
-def test_export_equals_the_trained_checkpoint(tmp_path):
-    """After real training (parameters and router biases moved), the fp32 Hugging Face export holds exactly the
-    final checkpoint's parameters and router biases."""
-    from ernie_jax import from_pretrained
-    from ernie_jax import train as train_mod
-    from ernie_jax.checkpointing import TrainCheckpointer
-    from tests.helpers import SMALL_TRAIN_OVERRIDES
-
-    cfg = apply_overrides(
-        load_preset("tiny"),
-        [
-            *SMALL_TRAIN_OVERRIDES,
-            "checkpoint.async_save=false",
-            "optim.warmup_steps=1",
-            "steps=2",
-            "moe_loss.bias_update_rate=0.05",  # router biases move visibly
-            "export_dtype=float32",
-            f"run_dir={tmp_path / 'run'}",
-            f"export_hf={tmp_path / 'hf_out'}",
-        ],
-    )
-    train_mod.train(cfg, progress=False)
-    exported = from_pretrained(tmp_path / "hf_out", dtype=jnp.float32)
-    _, params, biases = split_model(exported)
-    opt_template = make_optimizer(cfg.optim, cfg.steps, params).init(params)
-    ckpt = TrainCheckpointer(str(tmp_path / "run" / "checkpoints"), keep=2, async_save=False)
-    # The run's own config: the export writes moe_layer_end_index resolved (1, not -1), the same architecture.
-    restored = ckpt.restore_latest(params=params, biases=biases, opt_state=opt_template, model=cfg.model)
-    ckpt.close()
-    assert restored["step"] == 2
-    moved = jax.tree.leaves(jax.tree.map(lambda b: float(jnp.max(jnp.abs(b))), restored["biases"]))
-    assert max(moved) > 0.05, "the router biases must have moved for this check to mean anything"
-    for got, saved in ((params, restored["params"]), (biases, restored["biases"])):
-        jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got, saved)

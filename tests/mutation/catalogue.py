@@ -22,6 +22,7 @@ class Mutation:
 
 
 REF = "tests/test_references.py::"
+RUNS = "tests/test_references_runs.py::"
 RAGGED = "tests/test_ragged_transport.py::"
 
 MUTATIONS: tuple[Mutation, ...] = (
@@ -67,7 +68,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         model = from_pretrained(""",
         """    if False:
         model = from_pretrained(""",
-        (REF + "test_init_from_hf_with_no_update_exports_the_checkpoint_logits",),
+        (RUNS + "test_init_from_hf_with_no_update_exports_the_checkpoint_logits",),
         "--init-from-hf silently trains from a random init",
     ),
     Mutation(
@@ -264,7 +265,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "ernie_jax/checkpointing.py",
         'opt_state=restored["opt_state"],',
         "opt_state=opt_state,",
-        (REF + "test_checkpoint_restore_returns_the_saved_optimizer_state",),
+        (RUNS + "test_checkpoint_restore_returns_the_saved_optimizer_state",),
         "a resume restarts Adam from zero moments and step 0",
     ),
     Mutation(
@@ -272,7 +273,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "ernie_jax/train.py",
         "        data = restore_iterator(",
         "        _ignored = restore_iterator(",
-        (REF + "test_resume_onto_another_mesh_continues_the_uninterrupted_run",),
+        (RUNS + "test_resume_onto_another_mesh_continues_the_uninterrupted_run",),
         "a resumed run trains on the first batches again instead of continuing the stream",
     ),
     Mutation(
@@ -280,7 +281,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "ernie_jax/train.py",
         "    model = nnx.merge(graphdef, params, biases)\n",
         "    model = nnx.merge(graphdef, params, jax.tree.map(jnp.zeros_like, biases))\n",
-        (REF + "test_export_equals_the_trained_checkpoint",),
+        (RUNS + "test_export_equals_the_trained_checkpoint",),
         "the export writes the initial router correction biases, not the trained ones",
     ),
     Mutation(
@@ -288,7 +289,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "ernie_jax/train.py",
         "save_pretrained(merged, cfg.export_hf, dtype=dtype,",
         "save_pretrained(merged, cfg.export_hf, dtype=jnp.bfloat16,",
-        (REF + "test_export_equals_the_trained_checkpoint",),
+        (RUNS + "test_export_equals_the_trained_checkpoint",),
         "export_dtype=float32 still writes bf16 (the export no longer equals the trained model)",
     ),
     Mutation(
@@ -296,7 +297,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "ernie_jax/data/pipeline.py",
         "[(0 if by_rows else process_index) :: readers]",
         "[0::readers]",
-        (REF + "test_processes_read_disjoint_parts_of_one_stream",),
+        (RUNS + "test_processes_read_disjoint_parts_of_one_stream",),
         "every process reads the first process's documents (issue 11: every process reading the same rows)",
     ),
     Mutation(
@@ -304,7 +305,7 @@ MUTATIONS: tuple[Mutation, ...] = (
         "ernie_jax/data/pipeline.py",
         "out = out.map(_TakeRows(process_index * batch, (process_index + 1) * batch))",
         "out = out.map(_TakeRows(0, batch))",
-        (REF + "test_processes_read_disjoint_parts_of_one_stream",),
+        (RUNS + "test_processes_read_disjoint_parts_of_one_stream",),
         'with process_sharding="rows", every process trains on the global batch\'s first rows',
     ),
 )
