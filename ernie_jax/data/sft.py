@@ -18,12 +18,11 @@ front; one left with nothing to learn from is dropped. Both are counted.
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import numpy as np
 
-from ernie_jax.data.sources import BadRecordError, JsonRecord
+from ernie_jax.data.sources import BadRecordError, JsonRecord, ThreadSafeCounts
 
 ROLES = ("system", "user", "assistant")
 
@@ -82,7 +81,7 @@ def _check_order(messages: list[dict[str, str]], bad) -> None:
         raise bad("a conversation must end with an assistant reply")
 
 
-class ConversationEncoder:
+class ConversationEncoder(ThreadSafeCounts):
     """JsonRecord -> {"input_ids", "targets", "loss_mask"} of at most `seq_len` pairs (a DocumentSource converter).
 
     Counts `cut` (truncated to fit) and `dropped` (nothing supervised left) conversations, thread-safely.
@@ -94,20 +93,13 @@ class ConversationEncoder:
                 "data.format=sft renders conversations with the checkpoint's chat template: set data.tokenizer to a "
                 "checkpoint directory that holds tokenizer.model and tokenizer_config.json"
             )
+        super().__init__()
         self.tokenizer, self.seq_len = tokenizer, seq_len
         special = tokenizer.special_tokens
         self.begin_id = tokenizer.token_to_id(special.get("cls_token", "<|begin_of_sentence|>"))
         self.end_id = tokenizer.token_to_id(special.get("sep_token", "<|end_of_sentence|>"))
         self.eos_id = tokenizer.eos_token_id
         self.cut = self.dropped = 0
-        self._lock = threading.Lock()
-
-    def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
 
     def token_ids(self, messages: list[dict[str, str]], labels: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """(ids, supervised) of the whole conversation: supervised[i] = 1 for reply tokens of labelled turns."""
@@ -137,11 +129,9 @@ class ConversationEncoder:
             ids = np.concatenate([[self.begin_id], ids[-keep:]]).astype(np.int32)
             supervised = np.concatenate([[0], supervised[-keep:]]).astype(np.int32)
             if not supervised[1:].any():
-                with self._lock:
-                    self.dropped += 1
+                self.count("dropped")
                 return None
-            with self._lock:
-                self.cut += 1
+            self.count("cut")
         targets = ids[1:].copy()
         loss_mask = supervised[1:].astype(np.float32)
         # The reply's end token is learned as EOS (what generation stops on), as ERNIEKit trains it.

@@ -295,7 +295,27 @@ def python_docs_corpus() -> list[str]:
     return [topics[k].strip() for k in sorted(topics) if topics[k].strip()]
 
 
-class DocumentSource:
+class ThreadSafeCounts:
+    """Counters bumped from Grain's read threads. The lock is rebuilt after pickling (Grain worker processes)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+
+    def count(self, name: str, n: int = 1) -> int:
+        with self._lock:
+            value = getattr(self, name) + n
+            setattr(self, name, value)
+            return value
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+
+class DocumentSource(ThreadSafeCounts):
     """All files of a config as one random-access sequence of document strings (a Grain data source).
 
     A record that cannot be read raises `BadRecordError` naming its file and line (`on_bad_record="stop"`), or is
@@ -311,6 +331,7 @@ class DocumentSource:
         on_bad_record: str = "stop",
         convert: Callable[[Any], Any] | None = None,
     ):
+        super().__init__()
         self.files = list(files)
         self.on_bad_record = on_bad_record
         self.convert = convert  # applied to each record here, so its errors fall under the bad-record policy too
@@ -318,14 +339,6 @@ class DocumentSource:
         self._ends = np.cumsum([len(p) for p in self._parts], dtype=np.int64)
         self.skipped = 0
         self._read = 0
-        self._lock = threading.Lock()
-
-    def __getstate__(self):
-        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
 
     @staticmethod
     def _open(path: str, text_field: str, txt_split: str):
@@ -354,15 +367,12 @@ class DocumentSource:
         except BadRecordError as e:
             if self.on_bad_record != "skip":
                 raise
-            with self._lock:
-                self.skipped += 1
-                hopeless = self._read == 0 and self.skipped >= len(self)
-            if hopeless:  # otherwise a repeating stream would search for a readable record forever
+            skipped = self.count("skipped")
+            if self._read == 0 and skipped >= len(self):  # no good record yet: a repeating stream would spin
                 raise BadRecordError(f"every one of the {len(self)} records read so far was bad; last: {e}") from e
             log.warning("skipped a bad record (data.on_bad_record=skip): %s", e)
             return None
-        with self._lock:
-            self._read += 1
+        self.count("_read")
         return document
 
     def __repr__(self):
