@@ -5,6 +5,9 @@ exact against transformers' `Ernie4_5_VLMoeForConditionalGeneration`.
     logits = model(input_ids, pixel_values=pv, image_grid_thw=grid, mm_token_type_ids=types,
                    moe_mm_token_type_ids=ernie_jax.vl.moe_token_types(input_ids, model.config))
     ernie_jax.vl.save_pretrained(model, "out/")
+
+    batch = ernie_jax.vl.ImageProcessor.from_pretrained("path/to/vl-checkpoint")([image_hwc_uint8])
+    # batch["pixel_values"] [N, C*P*P] float32, batch["image_grid_thw"] [n, 3], as transformers' processor
 """
 
 from ernie_jax.vl.checkpoint import from_pretrained, save_pretrained
@@ -15,10 +18,12 @@ from ernie_jax.vl.model import (
     modality_router_losses,
     moe_token_types,
 )
+from ernie_jax.vl.processor import ImageProcessor, smart_resize
 from ernie_jax.vl.rope import rope_index
 
 __all__ = [
     "ErnieVLForConditionalGeneration",
+    "ImageProcessor",
     "VLConfig",
     "VLTextConfig",
     "VisionConfig",
@@ -28,4 +33,5 @@ __all__ = [
     "moe_token_types",
     "rope_index",
     "save_pretrained",
+    "smart_resize",
 ]
