@@ -92,6 +92,10 @@ def test_several_images_one_call_and_channel_layouts():
     rgba = random_image(rng, 47, 33, channels=4)
     compare_with_reference("rgba_composited_on_white", [rgba])
     compare_with_reference("float64", [random_image(rng, 41, 77, dtype="float64")])
+    # Values a hair below k / 255 (float arithmetic leaves such): x * 255 is just under k, and only the float32 step
+    # transformers takes before truncating to uint8 rounds it back up to k.
+    near_levels = np.maximum(random_image(rng, 50, 50) / 255 - 1e-10, 0.0)
+    compare_with_reference("float64_a_hair_below_levels", [near_levels])
 
 
 @pytest.mark.parametrize("resample", [BILINEAR, LANCZOS])
