@@ -7,7 +7,7 @@ and set each report's estimated MFU against the published anchors.
     python -m benchmarks.aot_report --topology a47b_tpu=v5p-256  # another slice
 
 Each compile takes a few minutes on a small host (about 3 minutes for a3b on 2 cores). The MFU here is the
-roofline estimate of `ernie_jax.aot` (see `ernie_jax.hlo_stats`), not a measurement: it ranks configurations and
+roofline estimate of `ernie_jax.aot` (see `ernie_jax.tools.hlo_stats`), not a measurement: it ranks configurations and
 says how far a layout is from the anchors, nothing more.
 """
 
@@ -17,11 +17,12 @@ import argparse
 import json
 import sys
 
-from ernie_jax import aot
-from ernie_jax.train_config import apply_overrides, load_preset
+from ernie_jax.tools import aot_report as aot
+from ernie_jax.training.config import apply_overrides, load_preset
 
 TARGETS = {"a3b_tpu": "v5p-64", "a47b_tpu": "v5p-512"}
-# Published MFU of comparable MoE training runs (JAX_MOE_ANCHORS.md §6).
+# Published MFU of comparable MoE training runs (MaxText's Mixtral v5p figure, Baidu's ERNIE 4.5 technical report,
+# Marin's H100 runs), to put an estimate next to something real.
 ANCHORS = {
     "MaxText Mixtral-8x7B on v5p": 0.52,
     "ERNIE 4.5 300B-A47B (Paddle, FP8)": 0.47,

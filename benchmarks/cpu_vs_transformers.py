@@ -19,7 +19,7 @@ import optax
 from flax import nnx
 
 from benchmarks.peers import tiny_pair
-from ernie_jax.train_step import cross_entropy_sum
+from ernie_jax.training.losses import cross_entropy_sum
 
 
 def _time(fn, steps: int) -> float:

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 import ernie_jax
 from ernie_jax.config import ErnieConfig
-from ernie_jax.train_config import load_preset
+from ernie_jax.training.config import load_preset
 
 
 def tiny_pair(seed: int = 0):

@@ -2,7 +2,7 @@
 
 from ernie_jax.config import ERNIE_4_5_0P3B
 from ernie_jax.data import DataConfig
-from ernie_jax.train_config import CheckpointConfig, MeshConfig, OptimConfig, TrainConfig
+from ernie_jax.training.config import CheckpointConfig, MeshConfig, OptimConfig, TrainConfig
 
 
 def get_config() -> TrainConfig:

@@ -1,9 +1,10 @@
 """ERNIE-4.5-21B-A3B on one 8-GPU node (H100/H200): FSDP over 8 GPUs, experts replicated (EP=1 inside a node, the
-practical choice on GPUs today: JAX_MOE_ANCHORS.md §6), seq 4096, bf16, remat of non-matmul activations."""
+practical choice on GPUs today, as in published JAX MoE runs on H100 nodes), seq 4096, bf16, remat of non-matmul
+activations."""
 
 from ernie_jax.config import ERNIE_4_5_21B_A3B
 from ernie_jax.data import DataConfig
-from ernie_jax.train_config import CheckpointConfig, MeshConfig, MoELossConfig, OptimConfig, TrainConfig
+from ernie_jax.training.config import CheckpointConfig, MeshConfig, MoELossConfig, OptimConfig, TrainConfig
 
 
 def get_config() -> TrainConfig:

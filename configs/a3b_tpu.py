@@ -9,7 +9,7 @@ Data: set data.sources=... and data.tokenizer=<dir with ERNIE's tokenizer.model>
 
 from ernie_jax.config import ERNIE_4_5_21B_A3B
 from ernie_jax.data import DataConfig
-from ernie_jax.train_config import CheckpointConfig, MeshConfig, MoELossConfig, OptimConfig, TrainConfig
+from ernie_jax.training.config import CheckpointConfig, MeshConfig, MoELossConfig, OptimConfig, TrainConfig
 
 
 def get_config() -> TrainConfig:

@@ -4,7 +4,7 @@ data.global_batch_size=128 (76.5 GB per chip in `python -m ernie_jax.aot --confi
 
 from ernie_jax.config import ERNIE_4_5_300B_A47B
 from ernie_jax.data import DataConfig
-from ernie_jax.train_config import CheckpointConfig, MeshConfig, MoELossConfig, OptimConfig, TrainConfig
+from ernie_jax.training.config import CheckpointConfig, MeshConfig, MoELossConfig, OptimConfig, TrainConfig
 
 
 def get_config() -> TrainConfig:

@@ -5,7 +5,7 @@ About 5 minutes on 2 CPU cores: the loss clearly falls, a checkpoint is written,
 
 from ernie_jax.config import ERNIE_4_5_21B_A3B
 from ernie_jax.data import DataConfig
-from ernie_jax.train_config import CheckpointConfig, MeshConfig, OptimConfig, TrainConfig
+from ernie_jax.training.config import CheckpointConfig, MeshConfig, OptimConfig, TrainConfig
 
 
 def get_config() -> TrainConfig:

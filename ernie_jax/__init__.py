@@ -9,7 +9,9 @@ runtime_env.configure()  # before any JAX backend starts
 from ernie_jax.config import ARCHITECTURES, ConfigError, ErnieConfig
 from ernie_jax.generation import GenerationConfig, generate
 from ernie_jax.hf.checkpoint import CheckpointError, from_pretrained, save_pretrained
-from ernie_jax.model import ErnieForCausalLM, ModelOptions, abstract_model
+from ernie_jax.model import ErnieForCausalLM, abstract_model
+from ernie_jax.options import ModelOptions
+from ernie_jax.quant import quantize
 from ernie_jax.tokenizer import Tokenizer
 from ernie_jax.vl import ErnieVLForConditionalGeneration
 
@@ -26,5 +28,6 @@ __all__ = [
     "abstract_model",
     "from_pretrained",
     "generate",
+    "quantize",
     "save_pretrained",
 ]

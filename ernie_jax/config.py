@@ -31,7 +31,7 @@ def _require(condition: bool, field: str, message: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class ErnieConfig:
-    """Architecture of an ERNIE 4.5 text model (see ../shared/reference/ERNIE45_FACTS.md §1–§2)."""
+    """Architecture of an ERNIE 4.5 text model (fields and meanings as in the released config.json)."""
 
     vocab_size: int = 103424
     hidden_size: int = 2560
@@ -59,7 +59,8 @@ class ErnieConfig:
     moe_layer_end_index: int = -1  # -1: the last layer
     moe_layer_interval: int = 1
     moe_norm_min: float = 1e-12
-    # Multi-token-prediction blocks present in released checkpoints; not modelled, their tensors are skipped.
+    # Multi-token-prediction depths (ernie_jax.model.MTPLayer): depth d predicts the token d + 2 ahead. Released
+    # -PT checkpoints carry one; 0 builds no MTP head (and a checkpoint's MTP tensors are skipped with a log line).
     num_nextn_predict_layers: int = 0
 
     def __post_init__(self) -> None:
@@ -99,6 +100,12 @@ class ErnieConfig:
         )
         _require(self.moe_num_experts >= 0, "moe_num_experts", "must be >= 0 (0 = dense model)")
         _require(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers", "must be >= 0")
+        _require(
+            all(self.layer_kind(d) == "dense" for d in range(self.num_nextn_predict_layers)),
+            "num_nextn_predict_layers",
+            "an MTP block is built like decoder layer d, which is an MoE layer when moe_layer_start_index is 0; "
+            "MoE MTP blocks are not supported (the released models have dense ones)",
+        )
         if self.is_moe:
             _require(
                 1 <= self.moe_k <= self.moe_num_experts,
@@ -198,7 +205,7 @@ class ErnieConfig:
         return tuple(out)
 
     # ----------------------------------------------------------------------------------------------------------
-    # Parameter counts (analytic; tests check them against the built model and the facts sheet)
+    # Parameter counts (analytic; tests check them against the built model and the released sizes)
     def _layer_params(self, kind: LayerKind) -> int:
         d, h = self.hidden_size, self.resolved_head_dim
         n, kv = self.num_attention_heads, self.num_key_value_heads
@@ -217,15 +224,23 @@ class ErnieConfig:
         shared = mlp(self.shared_expert_size, self.use_bias) if self.moe_num_shared_experts else 0
         return attn + norms + routed + router + shared
 
+    def mtp_params(self) -> int:
+        """Parameters of the MTP depths: per depth two norms, the [2D, D] projection (+ bias) and a dense layer."""
+        d = self.hidden_size
+        per_depth = 2 * d + 2 * d * d + int(self.use_bias) * d + self._layer_params("dense")
+        return self.num_nextn_predict_layers * per_depth
+
     def num_params(self) -> int:
         embed = self.vocab_size * self.hidden_size
         head = 0 if self.tie_word_embeddings else embed
         head += self.vocab_size if self.lm_head_has_bias else 0
-        return embed + head + self.hidden_size + sum(self._layer_params(k) for k in self.layer_kinds)
+        layers = sum(self._layer_params(k) for k in self.layer_kinds)
+        return embed + head + self.hidden_size + layers + self.mtp_params()
 
     def num_active_params(self, include_embedding: bool = True) -> int:
-        """Parameters touched per token: routed experts count k of E (used for model FLOPs)."""
-        total = self.num_params()
+        """Parameters the main model touches per token (routed experts count k of E; the MTP head, used only in
+        training with mtp.depth, is left out: the trainer adds it per depth)."""
+        total = self.num_params() - self.mtp_params()
         if self.is_moe:
             n_moe = sum(k == "moe" for k in self.layer_kinds)
             inactive = (self.moe_num_experts - self.moe_k) * 3 * self.hidden_size * self.moe_intermediate_size
@@ -312,6 +327,8 @@ class ErnieConfig:
             "eos_token_id": self.eos_token_id,
             "torch_dtype": "bfloat16",
         }
+        if self.num_nextn_predict_layers:
+            out["num_nextn_predict_layers"] = self.num_nextn_predict_layers
         if self.is_moe:
             out.update(
                 moe_num_experts=self.moe_num_experts,
@@ -330,7 +347,7 @@ class ErnieConfig:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Released architectures (facts sheet §1). Training presets in configs/ build on these.
+# Released architectures (the config.json files Baidu published). Training presets in configs/ build on these.
 ERNIE_4_5_0P3B = ErnieConfig(
     vocab_size=103424,
     hidden_size=1024,

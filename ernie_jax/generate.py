@@ -18,6 +18,7 @@ import time
 import types
 
 from ernie_jax.generation import GenerationConfig, generate, greedy
+from ernie_jax.options import MOE_TRANSPORTS
 
 __all__ = ["GenerationConfig", "generate", "greedy", "main"]
 
@@ -69,7 +70,6 @@ class StreamPrinter:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    import sharding
 
     parser = argparse.ArgumentParser(prog="python -m ernie_jax.generate", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="checkpoint directory: config.json, safetensors, tokenizer")
@@ -84,7 +84,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto", help="auto: fp32 on CPU")
     parser.add_argument("--mesh", help="mesh axis sizes, e.g. data=2,expert=4 (default: one device)")
-    parser.add_argument("--moe-transport", choices=sharding.MOE_TRANSPORTS, default="allgather")
+    parser.add_argument("--moe-transport", choices=MOE_TRANSPORTS, help="default: allgather (the only one on CPU)")
+    parser.add_argument(
+        "--quantize", choices=("int8", "nf4"), help="store the decoder's matmul weights quantized (ernie_jax.quant)"
+    )
     return parser.parse_args(argv)
 
 
@@ -112,7 +115,7 @@ def main(argv=None, out=None, lines=None) -> int:
     if dtype is None:
         dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
     mesh = sharding.make_mesh(**parse_mesh(args.mesh)) if args.mesh else None
-    model = ernie_jax.from_pretrained(args.model, dtype=dtype, mesh=mesh, progress=False)
+    model = ernie_jax.from_pretrained(args.model, dtype=dtype, mesh=mesh, progress=False, quantize=args.quantize)
     tokenizer = ernie_jax.Tokenizer.from_pretrained(args.model)
     config = GenerationConfig.from_pretrained(args.model) or GenerationConfig()
     eos_ids = set(config.eos_token_id or ()) | {tokenizer.eos_token_id}

@@ -17,6 +17,8 @@ from flax import nnx
 import pallas_kernels
 import sharding
 from ernie_jax.config import ErnieConfig
+from ernie_jax.options import ModelOptions
+from ernie_jax.quant import weight_value
 
 Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
 
@@ -28,13 +30,22 @@ def make_param(
     logical_axes: Sequence[str],
     dtype: jnp.dtype,
     stack: Sequence[int] = (),
+    *,
+    weight_decay: bool | None = None,
+    param_type: type[nnx.Param] = nnx.Param,
 ) -> nnx.Param:
-    """A parameter of `shape` (plus leading `stack` dims) tagged with its logical axis names."""
+    """A parameter of `shape` (plus leading `stack` dims) tagged with its logical axis names and its role.
+
+    weight_decay: whether AdamW decays it (the optimizer reads this metadata, never the parameter's name);
+    default: matrices and larger decay, vectors (norm scales, biases) do not. param_type: a subclass of
+    nnx.Param naming a role that filters select (e.g. `ernie_jax.moe.RouterWeight`).
+    """
     full_shape = (*stack, *shape)
     full_axes = ("layers",) * len(stack) + tuple(logical_axes)
     assert len(full_shape) == len(full_axes), (full_shape, full_axes)
     key = rngs.params() if rngs is not None else jax.random.key(0)
-    return nnx.Param(init(key, full_shape, dtype), logical_axes=full_axes)
+    decay = len(shape) >= 2 if weight_decay is None else weight_decay
+    return param_type(init(key, full_shape, dtype), logical_axes=full_axes, weight_decay=decay)
 
 
 def normal_init(std: float) -> Initializer:
@@ -82,6 +93,27 @@ def apply_interleaved_rope(x: jax.Array, positions: jax.Array, theta: float) -> 
     return rotated.reshape(b, t, n, h).astype(x.dtype)
 
 
+def attention_kernel(
+    q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array | None, options: ModelOptions, *, causal=True
+) -> jax.Array:
+    """The attention kernel the run options pick (pallas_kernels.flash_attention); per shard when a mesh is active,
+    because XLA cannot partition a Pallas call. q [B, T, N, H], k/v [B, S, K, H], segment_ids [B, T] -> [B, T, N, H].
+    """
+    attend = lambda q_, k_, v_, seg: pallas_kernels.flash_attention(
+        q_,
+        k_,
+        v_,
+        causal=causal,
+        segment_ids=seg,
+        implementation=options.attention_impl,
+        platform=options.platform,
+    )
+    ctx = sharding.active()
+    if ctx is not None and ctx.mesh.size > 1:
+        return sharding.sharded_attention(attend, q, k, v, segment_ids, ctx)
+    return attend(q, k, v, segment_ids)
+
+
 class Attention(nnx.Module):
     """Causal grouped-query self-attention; K/V heads are never repeated in memory."""
 
@@ -93,13 +125,13 @@ class Attention(nnx.Module):
         param_dtype,
         stack=(),
         rngs: nnx.Rngs | None = None,
-        attention_impl: str = "auto",
+        options: ModelOptions = ModelOptions(),
     ):
         d, n, kv, h = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.resolved_head_dim
         init = normal_init(cfg.initializer_range)
         self.dtype = dtype
         self.rope_theta = cfg.rope_theta
-        self.attention_impl = attention_impl
+        self.options = options
         self.wq = make_param(rngs, init, (d, n, h), ("embed", "q_heads", "head_dim"), param_dtype, stack)
         self.wk = make_param(rngs, init, (d, kv, h), ("embed", "kv_heads", "head_dim"), param_dtype, stack)
         self.wv = make_param(rngs, init, (d, kv, h), ("embed", "kv_heads", "head_dim"), param_dtype, stack)
@@ -108,17 +140,18 @@ class Attention(nnx.Module):
         self.wq_lora = self.wk_lora = self.wv_lora = self.wo_lora = None
         self.use_bias = cfg.use_bias
         if cfg.use_bias:
-            self.bq = make_param(rngs, zeros_init, (n, h), ("q_heads", "head_dim"), param_dtype, stack)
-            self.bk = make_param(rngs, zeros_init, (kv, h), ("kv_heads", "head_dim"), param_dtype, stack)
-            self.bv = make_param(rngs, zeros_init, (kv, h), ("kv_heads", "head_dim"), param_dtype, stack)
+            no_decay = dict(weight_decay=False)  # biases, though stored per head as [N, H]
+            self.bq = make_param(rngs, zeros_init, (n, h), ("q_heads", "head_dim"), param_dtype, stack, **no_decay)
+            self.bk = make_param(rngs, zeros_init, (kv, h), ("kv_heads", "head_dim"), param_dtype, stack, **no_decay)
+            self.bv = make_param(rngs, zeros_init, (kv, h), ("kv_heads", "head_dim"), param_dtype, stack, **no_decay)
             self.bo = make_param(rngs, zeros_init, (d,), ("embed",), param_dtype, stack)
 
-    def _project_qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Queries [B, T, N, H] and keys, values [B, T, K, H], RoPE applied to queries and keys."""
+    def _project_qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Queries [B, T, N, H] and keys, values [B, T, K, H], before any rotary embedding."""
         x = x.astype(self.dtype)  # [B, T, D]
-        q = jnp.einsum("BTD,DNH->BTNH", x, self.wq[...].astype(self.dtype))
-        k = jnp.einsum("BTD,DKH->BTKH", x, self.wk[...].astype(self.dtype))
-        v = jnp.einsum("BTD,DKH->BTKH", x, self.wv[...].astype(self.dtype))
+        q = jnp.einsum("BTD,DNH->BTNH", x, weight_value(self.wq, self.dtype))
+        k = jnp.einsum("BTD,DKH->BTKH", x, weight_value(self.wk, self.dtype))
+        v = jnp.einsum("BTD,DKH->BTKH", x, weight_value(self.wv, self.dtype))
         q, k, v = (
             y if adapter is None else y + adapter(x)  # [B, T, N or K, H]
             for y, adapter in ((q, self.wq_lora), (k, self.wk_lora), (v, self.wv_lora))
@@ -127,13 +160,21 @@ class Attention(nnx.Module):
             q = q + self.bq[...].astype(self.dtype)
             k = k + self.bk[...].astype(self.dtype)
             v = v + self.bv[...].astype(self.dtype)
+        return q, k, v
+
+    def _rotated_qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """`_project_qkv` with ERNIE's interleaved RoPE applied to queries and keys at `positions` [B, T]."""
+        q, k, v = self._project_qkv(x)
         q = apply_interleaved_rope(q, positions, self.rope_theta)
         k = apply_interleaved_rope(k, positions, self.rope_theta)
         return q, k, v
 
+    def _attend(self, q, k, v, segment_ids: jax.Array | None) -> jax.Array:
+        return attention_kernel(q, k, v, segment_ids, self.options)
+
     def _project_out(self, out: jax.Array) -> jax.Array:
         out = out.astype(self.dtype)  # [B, T, N, H]
-        y = jnp.einsum("BTNH,NHD->BTD", out, self.wo[...].astype(self.dtype))
+        y = jnp.einsum("BTNH,NHD->BTD", out, weight_value(self.wo, self.dtype))
         if self.wo_lora is not None:
             y = y + self.wo_lora(out)
         if self.use_bias:
@@ -141,19 +182,17 @@ class Attention(nnx.Module):
         return y
 
     def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
-        q, k, v = self._project_qkv(x, positions)
-        attend = lambda q_, k_, v_, seg: pallas_kernels.flash_attention(
-            q_, k_, v_, causal=True, segment_ids=seg, implementation=self.attention_impl
-        )
-        ctx = sharding.active()
-        if ctx is not None and ctx.mesh.size > 1:  # a Pallas kernel is not partitioned by XLA: run it per shard
-            out = sharding.sharded_attention(attend, q, k, v, segment_ids, ctx)
-        else:
-            out = attend(q, k, v, segment_ids)  # [B, T, N, H]
-        return self._project_out(out)
+        q, k, v = self._rotated_qkv(x, positions)
+        return self._project_out(self._attend(q, k, v, segment_ids))
 
     def cached(
-        self, x: jax.Array, positions: jax.Array, layer_cache: LayerKV, fill: jax.Array, row_start: jax.Array
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        layer_cache: LayerKV,
+        fill: jax.Array,
+        row_start: jax.Array,
+        slot_ok: jax.Array | None = None,
     ) -> tuple[jax.Array, LayerKV]:
         """Attention of T new tokens over a KV cache, for generation (prefill: T = prompt, decode: T = 1).
 
@@ -165,15 +204,17 @@ class Attention(nnx.Module):
           layer_cache: this layer's keys and values, each [B, S, K, H].
           fill: [] int32, slots already filled.
           row_start: [B] int32, each row's first real slot (its left padding is never attended to).
+          slot_ok: [B, S] bool or None: slots a row may read at all (speculative decoding leaves rejected drafts'
+            slots behind as holes).
         """
-        q, k, v = self._project_qkv(x, positions)
+        q, k, v = self._rotated_qkv(x, positions)
         keys = jax.lax.dynamic_update_slice_in_dim(layer_cache.keys, k.astype(layer_cache.keys.dtype), fill, axis=1)
         values = jax.lax.dynamic_update_slice_in_dim(
             layer_cache.values, v.astype(layer_cache.values.dtype), fill, axis=1
         )
         keys = sharding.shard(keys, "batch", "seq", "kv_heads", "head_dim")  # [B, S, K, H]
         values = sharding.shard(values, "batch", "seq", "kv_heads", "head_dim")
-        out = cached_attention(q, keys, values, fill, row_start)
+        out = cached_attention(q, keys, values, fill, row_start, slot_ok)
         return self._project_out(out), LayerKV(keys, values)
 
 
@@ -187,10 +228,18 @@ class LayerKV(NamedTuple):
     values: jax.Array
 
 
-def cached_attention(q: jax.Array, keys: jax.Array, values: jax.Array, fill: jax.Array, row_start: jax.Array):
+def cached_attention(
+    q: jax.Array,
+    keys: jax.Array,
+    values: jax.Array,
+    fill: jax.Array,
+    row_start: jax.Array,
+    slot_ok: jax.Array | None = None,
+):
     """Causal GQA attention of queries at slots fill .. fill+T-1 over cache slots [row_start, query slot].
 
-    q [B, T, N, H]; keys, values [B, S, K, H]; fill [] int32; row_start [B] int32 -> [B, T, N, H] in q's dtype.
+    q [B, T, N, H]; keys, values [B, S, K, H]; fill [] int32; row_start [B] int32; slot_ok [B, S] bool or None
+    (slots a row may read; None: all) -> [B, T, N, H] in q's dtype.
     Logits and softmax in fp32, as the training kernels do. A query with no visible slot (a padding position in
     prefill) gets a uniform average rather than NaN: its output is never read.
     """
@@ -201,6 +250,8 @@ def cached_attention(q: jax.Array, keys: jax.Array, values: jax.Array, fill: jax
     query_slot = fill + jnp.arange(t)  # [T]
     slot = jnp.arange(s)  # [S]
     visible = (slot[None, None, :] <= query_slot[None, :, None]) & (slot[None, None, :] >= row_start[:, None, None])
+    if slot_ok is not None:
+        visible = visible & slot_ok[:, None, :]  # [B, T, S]
     logits = jnp.where(visible[:, None, None], logits, jnp.finfo(jnp.float32).min)  # [B, K, G, T, S]
     probs = jax.nn.softmax(logits, axis=-1).astype(values.dtype)
     out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, values, preferred_element_type=jnp.float32)
@@ -237,8 +288,8 @@ class MLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = x.astype(self.dtype)  # [..., D]
-        gate = jnp.einsum("...D,DF->...F", x, self.gate[...].astype(self.dtype))
-        up = jnp.einsum("...D,DF->...F", x, self.up[...].astype(self.dtype))
+        gate = jnp.einsum("...D,DF->...F", x, weight_value(self.gate, self.dtype))
+        up = jnp.einsum("...D,DF->...F", x, weight_value(self.up, self.dtype))
         if self.gate_lora is not None:
             gate = gate + self.gate_lora(x)
         if self.up_lora is not None:
@@ -247,7 +298,7 @@ class MLP(nnx.Module):
             gate = gate + self.gate_bias[...].astype(self.dtype)
             up = up + self.up_bias[...].astype(self.dtype)
         hidden = jax.nn.silu(gate) * up  # [..., F]
-        y = jnp.einsum("...F,FD->...D", hidden, self.down[...].astype(self.dtype))
+        y = jnp.einsum("...F,FD->...D", hidden, weight_value(self.down, self.dtype))
         if self.down_lora is not None:
             y = y + self.down_lora(hidden)
         if self.use_bias:

@@ -20,19 +20,23 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 import sharding
+from ernie_jax import quant
 from ernie_jax.config import ConfigError
+from ernie_jax.quant import QuantizedWeight, weight_dtype, weight_value
 
 ATTENTION_TARGETS = {"q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "wo"}
 MLP_TARGETS = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
 EXPERT_TARGETS = {"gate_proj": "w_gate", "up_proj": "w_up", "down_proj": "w_down"}
 ALL_TARGETS = (*ATTENTION_TARGETS, *MLP_TARGETS, "experts")
 ADAPTER_SUFFIX = "_lora"
+BASE_DTYPES = ("param", "bfloat16", "int8", "nf4")
 
 
 class LoRAParam(nnx.Param):
@@ -52,6 +56,9 @@ class LoRAConfig:
     targets: tuple[str, ...] = ALL_TARGETS
     dropout: float = 0.0
     rslora: bool = False  # scale alpha / sqrt(rank) instead of alpha / rank
+    # The frozen base's decoder matmul weights: "param" as loaded (fp32 master weights), "bfloat16", or quantized
+    # (ernie_jax.quant) "int8" / "nf4": QLoRA. Router, norms, embeddings and the LM head stay as loaded.
+    base_dtype: Literal["param", "bfloat16", "int8", "nf4"] = "param"
 
     def __post_init__(self):
         if self.rank < 0:
@@ -63,6 +70,12 @@ class LoRAConfig:
             raise ConfigError(f"lora.dropout: must be in [0, 1), got {self.dropout}")
         if self.dropout:
             raise ConfigError("lora.dropout: adapter dropout is not implemented yet; use lora.dropout=0")
+        if self.base_dtype not in BASE_DTYPES:
+            raise ConfigError(f"lora.base_dtype: one of {', '.join(BASE_DTYPES)}, got {self.base_dtype!r}")
+        if self.base_dtype != "param" and not self.enabled:
+            raise ConfigError(
+                f"lora.base_dtype={self.base_dtype}: a frozen base needs adapters to train; set lora.rank > 0"
+            )
 
     @property
     def enabled(self) -> bool:
@@ -81,8 +94,18 @@ class LoRAConfig:
 class LoRAAdapter(nnx.Module):
     """A [*lead, *in, r] and B [*lead, r, *out] for one weight [*lead, *in, *out] (lead: the expert axis, if any)."""
 
-    def __init__(self, weight: nnx.Param, *, stack_ndim: int, lead_ndim: int, in_ndim: int, cfg: LoRAConfig, key):
-        shape, axes = weight.shape, weight.get_metadata()["logical_axes"]
+    def __init__(
+        self,
+        weight: nnx.Param | QuantizedWeight,
+        *,
+        stack_ndim: int,
+        lead_ndim: int,
+        in_ndim: int,
+        cfg: LoRAConfig,
+        key,
+    ):
+        axes = weight.logical_axes if isinstance(weight, QuantizedWeight) else weight.get_metadata()["logical_axes"]
+        shape = weight.shape
         split_in, split_out = stack_ndim + lead_ndim, stack_ndim + lead_ndim + in_ndim
         lead_shape, in_shape, out_shape = shape[:split_in], shape[split_in:split_out], shape[split_out:]
         lead_axes, in_axes, out_axes = axes[:split_in], axes[split_in:split_out], axes[split_out:]
@@ -90,9 +113,9 @@ class LoRAAdapter(nnx.Module):
         # PEFT's default init of A (kaiming-uniform with a = sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
         bound = 1.0 / math.sqrt(fan_in)
         a = jax.random.uniform(key, (*lead_shape, *in_shape, cfg.rank), jnp.float32, -bound, bound)
-        self.a = LoRAParam(a, logical_axes=(*lead_axes, *in_axes, None))
+        self.a = LoRAParam(a, logical_axes=(*lead_axes, *in_axes, None), weight_decay=True)
         b = jnp.zeros((*lead_shape, cfg.rank, *out_shape), jnp.float32)  # zero: the adapted model starts as the base
-        self.b = LoRAParam(b, logical_axes=(*lead_axes, None, *out_axes))
+        self.b = LoRAParam(b, logical_axes=(*lead_axes, None, *out_axes), weight_decay=True)
         self.in_ndim = in_ndim
         self.scale = cfg.scale
 
@@ -110,11 +133,13 @@ class LoRAAdapter(nnx.Module):
         return self.scale * product(a, b)
 
 
-def adapted(weight: nnx.Param, adapter: LoRAAdapter | None) -> jax.Array:
-    """The weight's value with its adapter folded in (W + s * A @ B, fp32 sum), or the weight alone."""
+def adapted(weight: nnx.Param | QuantizedWeight, adapter: LoRAAdapter | None, dtype=None) -> jax.Array:
+    """The weight's value with its adapter folded in (W + s * A @ B, fp32 sum), or the weight alone, in `dtype`
+    (default: the weight's own). A quantized base (QLoRA) is dequantised here, one layer's slice at a time."""
+    dtype = weight_dtype(weight) if dtype is None else dtype
     if adapter is None:
-        return weight[...]
-    return (weight[...].astype(jnp.float32) + adapter.delta()).astype(weight.dtype)
+        return weight_value(weight, dtype)
+    return (weight_value(weight, jnp.float32) + adapter.delta()).astype(dtype)
 
 
 def _targets(model, cfg: LoRAConfig):
@@ -169,15 +194,30 @@ def adapters(model):
 
 def merge_adapters(model):
     """A copy of `model` with every adapter folded into its weight (W + s * A @ B in fp32) and removed: the plain
-    base architecture, which `save_pretrained` writes and transformers loads."""
+    base architecture, which `save_pretrained` writes and transformers loads. A quantized base (QLoRA) comes back
+    as Params in the dtype it was loaded in: dequantised, plus the adapters where there are some."""
     merged = nnx.clone(model)
     for module, name, adapter in adapters(merged):
         weight = getattr(module, name)
-        weight.set_value(adapted(weight, adapter))
+        if isinstance(weight, QuantizedWeight):
+            setattr(module, name, weight.to_param(adapted(weight, adapter)))
+        else:
+            weight.set_value(adapted(weight, adapter))
         setattr(module, name + ADAPTER_SUFFIX, None)
-    return merged
+    return quant.dequantize(merged)
 
 
 def adapter_state(params: nnx.State) -> nnx.State:
     """The LoRA parameters of a model's parameter state."""
     return nnx.filter_state(params, LoRAParam)
+
+
+def convert_base(model, cfg: LoRAConfig):
+    """The frozen base's decoder matmul weights in `cfg.base_dtype`, in place (after `add_adapters`, before
+    training): cast to bfloat16, or quantized for QLoRA (their QuantizedWeights are not Params, so nothing but the
+    adapters can train). Weights on a mesh stay on it. Returns model."""
+    if cfg.base_dtype == "bfloat16":
+        return quant.cast_weights(model, jnp.bfloat16)
+    if cfg.base_dtype in quant.QUANT_KINDS:
+        return quant.quantize(model, cfg.base_dtype)
+    return model

@@ -8,7 +8,7 @@ model compiles in about the time of one layer per group.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,26 +18,15 @@ import sharding
 from ernie_jax.config import ErnieConfig, LayerKind
 from ernie_jax.layers import MLP, Attention, LayerKV, RMSNorm, make_param, normal_init, zeros_init
 from ernie_jax.moe import MoEBlock, RouterStats
+from ernie_jax.options import REMAT_CHOICES, ModelOptions
 
-REMAT_POLICIES = {
+REMAT_POLICIES = {  # ModelOptions.remat -> what the backward pass may keep instead of recomputing
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "dots_all": jax.checkpoint_policies.checkpoint_dots,
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelOptions:
-    """How the model runs (not what it is): kernels, rematerialisation."""
-
-    remat: str = "none"  # one of REMAT_POLICIES
-    attention_impl: str = "auto"  # pallas_kernels.flash_attention implementation
-    gmm_impl: str = "auto"  # pallas_kernels.gmm implementation
-
-    def __post_init__(self):
-        if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"ModelOptions.remat: must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
+assert tuple(REMAT_POLICIES) == REMAT_CHOICES
 
 
 class DecoderLayer(nnx.Module):
@@ -55,14 +44,15 @@ class DecoderLayer(nnx.Module):
         rngs: nnx.Rngs | None = None,
     ):
         self.kind = kind
+        self.options = options
         common = dict(dtype=dtype, param_dtype=param_dtype, stack=stack, rngs=rngs)
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype, stack=stack, rngs=rngs)
-        self.attn = Attention(cfg, attention_impl=options.attention_impl, **common)
+        self.attn = Attention(cfg, options=options, **common)
         self.post_attn_norm = RMSNorm(
             cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype, stack=stack, rngs=rngs
         )
         if kind == "moe":
-            self.ffn = MoEBlock(cfg, gmm_impl=options.gmm_impl, **common)
+            self.ffn = MoEBlock(cfg, options=options, **common)
         else:
             self.ffn = MLP(cfg, cfg.intermediate_size, use_bias=cfg.use_bias, **common)
 
@@ -75,9 +65,9 @@ class DecoderLayer(nnx.Module):
             y, stats = self.ffn(normed), None
         return h + y.astype(h.dtype), stats
 
-    def cached(self, h, positions, layer_cache: LayerKV, fill, row_start) -> tuple[jax.Array, LayerKV]:
+    def cached(self, h, positions, layer_cache: LayerKV, fill, row_start, slot_ok=None) -> tuple[jax.Array, LayerKV]:
         """The same block over new tokens with a KV cache (generation); MoE layers stay dropless."""
-        attn_out, layer_cache = self.attn.cached(self.input_norm(h), positions, layer_cache, fill, row_start)
+        attn_out, layer_cache = self.attn.cached(self.input_norm(h), positions, layer_cache, fill, row_start, slot_ok)
         h = h + attn_out.astype(h.dtype)  # [B, T, D]
         normed = self.post_attn_norm(h)
         y = self.ffn(normed)[0] if self.kind == "moe" else self.ffn(normed)
@@ -100,7 +90,7 @@ class LayerGroup(nnx.Module):
     ):
         self.pattern = pattern
         self.repeats = repeats
-        self.remat = options.remat
+        self.options = options
         self.layers = nnx.List(
             DecoderLayer(cfg, kind, options, dtype=dtype, param_dtype=param_dtype, stack=(repeats,), rngs=rngs)
             for kind in pattern
@@ -117,12 +107,12 @@ class LayerGroup(nnx.Module):
                 stats.append(layer_stats)
             return sharding.shard(carry, "batch", "seq", "act_embed"), tuple(stats)
 
-        if self.remat != "none":
-            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+        if self.options.remat != "none":
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.options.remat], prevent_cse=False)
         h, stats = jax.lax.scan(body, h, state)  # stats: per pattern position, stacked [R, ...] or None
         return h, stats
 
-    def cached(self, h, positions, group_cache: tuple[LayerKV, ...], fill, row_start):
+    def cached(self, h, positions, group_cache: tuple[LayerKV, ...], fill, row_start, slot_ok=None):
         """Scan over the layers with their caches (per pattern position, stacked [R, B, S, K, H]) as scan inputs
         and the updated caches as outputs, so each layer reads and writes only its own slice."""
         graphdef, state = nnx.split(self.layers)
@@ -132,11 +122,47 @@ class LayerGroup(nnx.Module):
             layers = nnx.merge(graphdef, layer_state)
             updated = []
             for layer, layer_cache in zip(layers, caches, strict=True):
-                carry, layer_cache = layer.cached(carry, positions, layer_cache, fill, row_start)
+                carry, layer_cache = layer.cached(carry, positions, layer_cache, fill, row_start, slot_ok)
                 updated.append(layer_cache)
             return sharding.shard(carry, "batch", "seq", "act_embed"), tuple(updated)
 
         return jax.lax.scan(body, h, (state, group_cache))
+
+
+class MTPLayer(nnx.Module):
+    """One multi-token-prediction depth (ERNIE's `mtp_*[d]` tensors): from the previous depth's hidden state at t
+    and the embedding of token t + d + 1, predict token t + d + 2 through the shared final norm and head.
+
+        x = concat(emb_norm(embed(token t+d+1)), hidden_norm(h_t)) @ proj      # [B, T, 2D] -> [B, T, D]
+        h'_t = decoder layer d (a dense block: attention over the depth's own positions, then SwiGLU)
+    """
+
+    def __init__(self, cfg: ErnieConfig, depth: int, options: ModelOptions, *, dtype, param_dtype, rngs=None):
+        d = cfg.hidden_size
+        self.dtype = dtype
+        self.emb_norm = RMSNorm(d, cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
+        self.hidden_norm = RMSNorm(d, cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
+        # [2D, D]: the input dim is the concatenation (embedding half first), sharded like nothing else.
+        self.proj = make_param(rngs, normal_init(cfg.initializer_range), (2 * d, d), (None, "embed"), param_dtype)
+        self.proj_bias = make_param(rngs, zeros_init, (d,), ("embed",), param_dtype) if cfg.use_bias else None
+        self.block = DecoderLayer(cfg, cfg.layer_kind(depth), options, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, h, embedded, positions, segment_ids, token_mask) -> jax.Array:
+        """h [B, T, D] previous depth (the main model's last layer output, before the final norm, for depth 0);
+        embedded [B, T, D] the embeddings of the tokens one ahead of h's. Returns this depth's [B, T, D]."""
+        out, _ = self.block(self._input(h, embedded), positions, segment_ids, token_mask)  # dense: no router statistics
+        return out
+
+    def cached(self, h, embedded, positions, layer_cache: LayerKV, cache: KVCache) -> tuple[jax.Array, LayerKV]:
+        """The same depth over new positions with its own KV cache, whose slots follow the main `cache`'s
+        (written at cache.fill ..; the same row starts and readable slots). For speculative decoding."""
+        x = self._input(h, embedded)
+        return self.block.cached(x, positions, layer_cache, cache.fill, cache.row_start, cache.slot_ok)
+
+    def _input(self, h, embedded) -> jax.Array:
+        x = jnp.concatenate([self.emb_norm(embedded), self.hidden_norm(h)], axis=-1).astype(self.dtype)
+        x = jnp.einsum("BTC,CD->BTD", x, self.proj[...].astype(self.dtype))  # [B, T, 2D] -> [B, T, D]
+        return x if self.proj_bias is None else x + self.proj_bias[...].astype(self.dtype)
 
 
 class ErnieForCausalLM(nnx.Module):
@@ -169,6 +195,12 @@ class ErnieForCausalLM(nnx.Module):
         self.lm_head_bias = (
             make_param(rngs, zeros_init, (cfg.vocab_size,), ("vocab",), param_dtype) if cfg.lm_head_has_bias else None
         )
+        depths = range(cfg.num_nextn_predict_layers)
+        self.mtp = (
+            nnx.List(MTPLayer(cfg, d, options, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for d in depths)
+            if cfg.num_nextn_predict_layers
+            else None
+        )
 
     def __call__(
         self,
@@ -179,7 +211,9 @@ class ErnieForCausalLM(nnx.Module):
         *,
         return_aux: bool = False,
         return_hidden: bool = False,
-    ) -> jax.Array | tuple[jax.Array, dict[str, Any]]:
+        return_mtp_logits: bool = False,
+        mtp_input_ids: jax.Array | None = None,
+    ) -> jax.Array | tuple:
         """Args:
         input_ids: [B, T] int tokens.
         attention_mask: [B, T], 1 for real tokens, 0 for padding (left or right).
@@ -188,6 +222,11 @@ class ErnieForCausalLM(nnx.Module):
         return_aux: also return {"router_stats": per group, per pattern position, RouterStats stacked [R]}.
         return_hidden: return the final-normed hidden states [B, T, D] in place of the logits, so a caller (the
             chunked training loss) can apply `logits_from_hidden` a slice at a time.
+        return_mtp_logits: also return the MTP depths' outputs (logits, or final-normed hidden states with
+            return_hidden): `(out, mtp_out)`, or `(out, mtp_out, aux)` with return_aux. `mtp_out[d]` at position t
+            predicts token t + d + 2, so it has T - d - 1 positions (the tokens it embeds must exist).
+        mtp_input_ids: [B, T + n] the tokens the MTP depths embed, when the caller has n more than input_ids
+            (training rows carry T + mtp.depth tokens): then every depth gets min(T, T + n - d - 1) positions.
         """
         b, t = input_ids.shape
         if positions is None:
@@ -199,17 +238,40 @@ class ErnieForCausalLM(nnx.Module):
             valid = attention_mask.astype(bool)
             token_mask = valid if token_mask is None else token_mask & valid
             segment_ids = valid.astype(jnp.int32) if segment_ids is None else jnp.where(valid, segment_ids, 0)
-        h = jnp.take(self.embed[...], input_ids, axis=0).astype(self.dtype)  # [B, T, D]
-        h = sharding.shard(h, "batch", "seq", "act_embed")
+        h = self.embed_tokens(input_ids)  # [B, T, D]
         router_stats = []
         for group in self.groups:
             h, stats = group(h, positions, segment_ids, token_mask)
             router_stats.append(stats)
+        last = h  # the last layer's output: what the first MTP depth reads (before the final norm)
         h = self.final_norm(h).astype(self.dtype)  # [B, T, D]
         out = h if return_hidden else self.logits_from_hidden(h)
-        if return_aux:
-            return out, {"router_stats": router_stats}
-        return out
+        aux = {"router_stats": router_stats}
+        if not return_mtp_logits:
+            return (out, aux) if return_aux else out
+        if self.mtp is None:
+            raise ValueError("return_mtp_logits: this model has no MTP head (config num_nextn_predict_layers=0)")
+        ids = input_ids if mtp_input_ids is None else mtp_input_ids
+        mtp_hidden = self.mtp_hidden(last, ids, positions, segment_ids, token_mask)
+        mtp_out = mtp_hidden if return_hidden else [self.logits_from_hidden(x) for x in mtp_hidden]
+        return (out, mtp_out, aux) if return_aux else (out, mtp_out)
+
+    def embed_tokens(self, ids: jax.Array) -> jax.Array:
+        """Token embeddings [B, T] -> [B, T, D] in the compute dtype, sharded as activations."""
+        h = jnp.take(self.embed[...], ids, axis=0).astype(self.dtype)
+        return sharding.shard(h, "batch", "seq", "act_embed")
+
+    def mtp_hidden(self, last, ids, positions, segment_ids, token_mask) -> list[jax.Array]:
+        """The MTP depths on the main model's last-layer output `last` [B, T, D]: per depth the final-normed hidden
+        states [B, L_d, D], where position t of depth d embeds ids[t + d + 1] and predicts ids[t + d + 2]."""
+        outs, h = [], last
+        for d, layer in enumerate(self.mtp):
+            length = min(h.shape[1], ids.shape[1] - d - 1)
+            cut = lambda x, n=length: None if x is None else x[:, :n]
+            embedded = self.embed_tokens(ids[:, d + 1 : d + 1 + length])  # [B, L, D]
+            h = layer(h[:, :length], embedded, cut(positions), cut(segment_ids), cut(token_mask))
+            outs.append(self.final_norm(h).astype(self.dtype))
+        return outs
 
     def init_cache(self, batch: int, size: int, row_start: jax.Array | None = None, dtype=None) -> KVCache:
         """An empty KV cache of `size` slots per row: per layer group and pattern position, keys and values
@@ -228,21 +290,25 @@ class ErnieForCausalLM(nnx.Module):
         row_start = jnp.zeros((batch,), jnp.int32) if row_start is None else row_start.astype(jnp.int32)
         return KVCache(layers, jnp.zeros((), jnp.int32), row_start)
 
-    def forward_cached(self, input_ids: jax.Array, positions: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+    def forward_cached(
+        self, input_ids: jax.Array, positions: jax.Array, cache: KVCache, *, return_last_layer: bool = False
+    ) -> tuple:
         """Run T new tokens per row through the model with a KV cache: prefill (the left-padded prompts) or one
         decode step (T = 1). Returns the final-normed hidden states [B, T, D] (apply `logits_from_hidden` to the
-        positions you need: a prompt's full [B, T, V] logits are large) and the cache with T more slots filled.
+        positions you need: a prompt's full [B, T, V] logits are large) and the cache with T more slots filled;
+        with return_last_layer, (hidden, last layer's output before the final norm (what MTP reads), cache).
 
         input_ids, positions: [B, T]. Slot `cache.fill + t` of every row receives token t.
         """
-        h = jnp.take(self.embed[...], input_ids, axis=0).astype(self.dtype)  # [B, T, D]
-        h = sharding.shard(h, "batch", "seq", "act_embed")
+        h = self.embed_tokens(input_ids)  # [B, T, D]
         layers = []
         for group, group_cache in zip(self.groups, cache.layers, strict=True):
-            h, group_cache = group.cached(h, positions, group_cache, cache.fill, cache.row_start)
+            h, group_cache = group.cached(h, positions, group_cache, cache.fill, cache.row_start, cache.slot_ok)
             layers.append(group_cache)
+        last = h
         h = self.final_norm(h).astype(self.dtype)
-        return h, KVCache(tuple(layers), cache.fill + input_ids.shape[1], cache.row_start)
+        cache = cache._replace(layers=tuple(layers), fill=cache.fill + input_ids.shape[1])
+        return (h, last, cache) if return_last_layer else (h, cache)
 
     def logits_from_hidden(self, h: jax.Array) -> jax.Array:
         """The LM head: final-normed hidden states [B, T, D] (any T, e.g. one loss chunk) -> logits [B, T, V]."""
@@ -266,6 +332,7 @@ class KVCache(NamedTuple):
     layers: tuple[tuple[LayerKV, ...], ...]
     fill: jax.Array
     row_start: jax.Array
+    slot_ok: jax.Array | None = None  # [B, S] bool, slots a row may read (None: all); see generation/speculative.py
 
 
 def moe_layer_stats(cfg: ErnieConfig, router_stats: list) -> RouterStats:
@@ -290,3 +357,15 @@ def abstract_model(
     return nnx.eval_shape(
         lambda: ErnieForCausalLM(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype, options=options)
     )
+
+
+def with_options(model: nnx.Module, **changes) -> nnx.Module:
+    """The same weights, run with other options (e.g. `moe_transport="allgather"` to generate on a CPU mesh from a
+    model trained with ragged_a2a). Every module that reads options gets the new ones; arrays are shared, and
+    `model` itself is left as it was."""
+    options = dataclasses.replace(model.options, **changes)
+    copy = nnx.merge(*nnx.split(model))
+    for _, node in nnx.iter_graph(copy):
+        if isinstance(node, nnx.Module) and isinstance(getattr(node, "options", None), ModelOptions):
+            node.options = options
+    return copy

@@ -5,13 +5,12 @@
   "pallas": the Pallas kernel for the platform: Mosaic on TPU, Triton on GPU; on CPU the TPU kernel runs in the
     Pallas interpreter (how the tests exercise it: slow, for correctness only).
   "auto": Pallas on TPU and GPU, the twin on CPU.
-`kernel=` ("tpu" | "gpu") and `interpret=` override the platform's choice, e.g. for AOT-compiling the TPU kernel
-from a CPU host (kernel="tpu", interpret=False) or interpreting the GPU kernel on CPU (kernel="gpu").
+`platform=` ("auto" | "tpu" | "gpu" | "cpu") is the platform traced for: "auto" is the host's backend; "tpu" on a
+CPU host picks the compiled Mosaic kernel, never interpret mode (AOT-compiling for a TPU slice, ernie_jax.aot).
+`kernel=` ("tpu" | "gpu") and `interpret=` override that choice, e.g. interpreting the GPU kernel on CPU.
 """
 
 from __future__ import annotations
-
-import contextlib
 
 import jax
 
@@ -22,36 +21,21 @@ from pallas_kernels.gmm.reference import gmm_reference
 IMPLEMENTATIONS = ("auto", "xla", "pallas")
 
 
-_TARGET: list[str] = []  # platforms named by target_platform(), innermost last
+def _backend(platform: str) -> str:
+    """The platform kernels are traced for: the host's backend, unless the caller compiles for another one."""
+    return jax.default_backend() if platform == "auto" else platform
 
 
-@contextlib.contextmanager
-def target_platform(platform: str):
-    """Trace kernels for `platform` ("tpu" | "gpu") whatever the host's backend: "auto" picks that platform's
-    compiled Pallas kernel, never interpret mode. For AOT-compiling TPU programs on a CPU host (ernie_jax.aot)."""
-    if platform not in ("tpu", "gpu"):
-        raise ValueError(f"target_platform: 'tpu' or 'gpu', got {platform!r}")
-    _TARGET.append(platform)
-    try:
-        yield
-    finally:
-        _TARGET.pop()
-
-
-def _backend() -> str:
-    return _TARGET[-1] if _TARGET else jax.default_backend()
-
-
-def _resolve(implementation: str, op: str) -> str:
+def _resolve(implementation: str, op: str, platform: str) -> str:
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"{op}: implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     if implementation == "auto":
-        return "pallas" if _backend() in ("tpu", "gpu") else "xla"
+        return "pallas" if _backend(platform) in ("tpu", "gpu") else "xla"
     return implementation
 
 
-def _kernel_and_interpret(kernel: str | None, interpret) -> tuple[str, object]:
-    backend = _backend()
+def _kernel_and_interpret(kernel: str | None, interpret, platform: str) -> tuple[str, object]:
+    backend = _backend(platform)
     if kernel is None:
         kernel = "gpu" if backend == "gpu" else "tpu"
     if interpret is None:
@@ -71,14 +55,15 @@ def gmm(
     kernel: str | None = None,
     interpret=None,
     cost_rows: int | None = None,
+    platform: str = "auto",
 ) -> jax.Array:
     """Grouped matmul [M, K] x [G_local, K, N] -> [M, N]; lhs rows sorted by group, group_sizes [G] int32.
 
     With group_offset, rhs holds groups group_offset .. group_offset + G_local - 1 and the rows of every other
     group come out zero (an expert-parallel shard). See `pallas_kernels.gmm.ops.gmm` for the kernel arguments.
     """
-    if _resolve(implementation, "gmm") == "xla":
-        if _backend() == "cpu" and group_offset is None and group_sizes.shape[0] == rhs.shape[0]:
+    if _resolve(implementation, "gmm", platform) == "xla":
+        if _backend(platform) == "cpu" and group_offset is None and group_sizes.shape[0] == rhs.shape[0]:
             # XLA:CPU expands ragged_dot densely (G x the FLOPs); the blocked form costs about one dense matmul.
             return gmm_blocked(lhs, rhs, group_sizes, preferred_element_type=preferred_element_type)
         return gmm_reference(
@@ -86,7 +71,7 @@ def gmm(
         )
     from pallas_kernels.gmm import ops
 
-    kernel, interpret = _kernel_and_interpret(kernel, interpret)
+    kernel, interpret = _kernel_and_interpret(kernel, interpret, platform)
     return ops.gmm(
         lhs, rhs, group_sizes, group_offset=group_offset, preferred_element_type=preferred_element_type,
         tiling=tiling, kernel=kernel, interpret=interpret, cost_rows=cost_rows,
@@ -106,22 +91,23 @@ def flash_attention(
     block_sizes: tuple[int, int] | None = None,
     kernel: str | None = None,
     interpret=None,
+    platform: str = "auto",
 ) -> jax.Array:
     """Causal GQA attention. q [B, T, N, H], k/v [B, S, K, H], segment_ids [B, T] -> [B, T, N, H].
 
     See `pallas_kernels.flash_attention.ops.flash_attention` for the kernel arguments.
     """
-    if _resolve(implementation, "flash_attention") == "xla":
+    if _resolve(implementation, "flash_attention", platform) == "xla":
         return attention_reference(
             q, k, v, causal=causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, sm_scale=sm_scale
         )
     from pallas_kernels.flash_attention import ops
 
-    kernel, interpret = _kernel_and_interpret(kernel, interpret)
+    kernel, interpret = _kernel_and_interpret(kernel, interpret, platform)
     return ops.flash_attention(
         q, k, v, causal=causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, sm_scale=sm_scale,
         block_sizes=block_sizes, kernel=kernel, interpret=interpret,
     )  # fmt: skip
 
 
-__all__ = ["attention_reference", "flash_attention", "gmm", "gmm_reference", "target_platform"]
+__all__ = ["attention_reference", "flash_attention", "gmm", "gmm_reference"]

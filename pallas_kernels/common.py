@@ -1,9 +1,8 @@
-"""Helpers shared by the kernels: tile picking, output structs that work inside shard_map, interpret flags."""
+"""Helpers shared by the kernels: tile picking, output structs and operands that work inside shard_map."""
 
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 
 def round_up(x: int, multiple: int) -> int:
@@ -44,11 +43,3 @@ def match_vma(*xs):
         missing = tuple(sorted(varying - jax.typeof(x).mat.varying))
         out.append(jax.lax.pcast(x, missing, to="varying") if missing else x)
     return tuple(out)
-
-
-def on_cpu() -> bool:
-    return jax.default_backend() == "cpu"
-
-
-def is_float(dtype) -> bool:
-    return jnp.issubdtype(dtype, jnp.floating)

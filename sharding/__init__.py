@@ -1,8 +1,8 @@
-"""Meshes, the logical-axis rules table and sharding helpers. The only place mesh axis names appear."""
+"""Meshes, the logical-axis rules table, the active-mesh context and per-shard attention. The only place mesh axis
+names appear. (The MoE's expert-parallel shard_map bodies live with the MoE, in ernie_jax/moe/.)"""
 
 from sharding.attention import attention_specs, sharded_attention
-from sharding.context import MOE_TRANSPORTS, ShardingContext, active, shard, use_mesh
-from sharding.expert_parallel import expert_parallel_moe
+from sharding.context import ShardingContext, active, shard, use_mesh
 from sharding.mesh import MeshError, make_mesh, resolve_mesh_shape
 from sharding.rules import (
     DEFAULT_RULES,
@@ -15,11 +15,9 @@ from sharding.rules import (
 )
 
 __all__ = [
-    "MOE_TRANSPORTS",
     "ShardingContext",
     "active",
     "attention_specs",
-    "expert_parallel_moe",
     "shard",
     "sharded_attention",
     "use_mesh",

@@ -13,7 +13,8 @@ from collections.abc import Callable
 import jax
 from jax.sharding import PartitionSpec
 
-from sharding.context import ShardingContext, activation_spec
+from sharding.context import ShardingContext
+from sharding.rules import logical_to_spec
 
 AttentionFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array | None], jax.Array]
 
@@ -23,8 +24,8 @@ def attention_specs(q_shape, k_shape, ctx: ShardingContext) -> tuple[PartitionSp
     only when the head axes divide the KV heads (hence the query heads too), so each shard keeps whole GQA groups."""
     b, _, n, _ = q_shape
     kv = k_shape[2]
-    batch = activation_spec(("batch",), (b,), ctx)[0]
-    heads = activation_spec(("act_heads",), (kv,), ctx)[0]
+    batch = logical_to_spec(("batch",), ctx.mesh, ctx.rules, shape=(b,), indivisible="replicate")[0]
+    heads = logical_to_spec(("act_heads",), ctx.mesh, ctx.rules, shape=(kv,), indivisible="replicate")[0]
     if heads is not None and n % kv:
         heads = None
     q_spec = PartitionSpec(batch, None, heads, None)

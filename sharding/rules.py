@@ -8,6 +8,7 @@ Logical names used by the model (see ernie_jax/config.py for the shape vocabular
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import jax
@@ -54,9 +55,19 @@ def logical_to_spec(
     rules: Sequence[tuple[str, MeshAxes]] = DEFAULT_RULES,
     shape: Sequence[int] | None = None,
     name: str = "tensor",
+    *,
+    indivisible: str = "raise",
 ) -> PartitionSpec:
-    """PartitionSpec for a tensor with these logical axes. Mesh axes of size 1 are dropped; a mesh axis used
-    twice raises; a dimension not divisible by its mesh axes raises (with the tensor's name)."""
+    """PartitionSpec for a tensor with these logical axes: the one resolver of logical names to mesh axes.
+
+    Mesh axes of size 1 (or absent) are dropped. indivisible="raise" (parameters, batches): a mesh axis used
+    twice or a dimension not divisible by its mesh axes raises, naming the tensor. indivisible="replicate"
+    (activations): such axes are left out, so e.g. a batch of 1 in generation stays valid on any mesh.
+    """
+    if indivisible not in ("raise", "replicate"):
+        raise ValueError(f"indivisible: 'raise' or 'replicate', got {indivisible!r}")
+    if indivisible == "replicate" and shape is None:
+        raise ValueError("indivisible='replicate' needs the tensor's shape")
     table = dict(rules)
     used: set[str] = set()
     spec = []
@@ -66,20 +77,25 @@ def logical_to_spec(
             continue
         if logical not in table:
             raise ShardingError(f"{name}: logical axis {logical!r} has no rule; add it to sharding.rules")
-        axes = tuple(a for a in axes_tuple(table[logical]) if a in mesh.shape and mesh.shape[a] > 1)
-        for a in axes:
-            if a in used:
-                raise ShardingError(f"{name}: mesh axis {a!r} would shard two dimensions {tuple(logical_axes)}")
-            used.add(a)
-        if shape is not None and axes:
-            size = 1
+        axes = tuple(a for a in axes_tuple(table[logical]) if mesh.shape.get(a, 1) > 1)
+        if indivisible == "replicate":
+            kept, size = [], 1
             for a in axes:
-                size *= mesh.shape[a]
-            if shape[dim] % size:
+                if a not in used and shape[dim] % (size * mesh.shape[a]) == 0:
+                    kept.append(a)
+                    size *= mesh.shape[a]
+            axes = tuple(kept)
+        else:
+            for a in axes:
+                if a in used:
+                    raise ShardingError(f"{name}: mesh axis {a!r} would shard two dimensions {tuple(logical_axes)}")
+            size = math.prod(mesh.shape[a] for a in axes)
+            if shape is not None and shape[dim] % size:
                 raise ShardingError(
                     f"{name}: dimension {dim} ({logical}) of size {shape[dim]} is not divisible by mesh axes "
                     f"{axes} of total size {size}; change the mesh sizes or the config"
                 )
+        used.update(axes)
         spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
     return PartitionSpec(*spec)
 

@@ -10,15 +10,15 @@ pytestmark = pytest.mark.tpu
 
 
 def _report(topology: str, overrides: list[str]) -> dict:
-    from ernie_jax import aot
-    from ernie_jax.train_config import apply_overrides, load_preset
+    from ernie_jax.tools import aot_report as aot
+    from ernie_jax.training.config import apply_overrides, load_preset
 
     tpu_topology_devices(aot.resolve_topology(topology)[1])  # skips only without libtpu
     return aot.compile_report(apply_overrides(load_preset("a3b_tpu"), overrides), topology)
 
 
 def test_topology_names():
-    from ernie_jax.aot import resolve_topology
+    from ernie_jax.tools.aot_report import resolve_topology
 
     assert resolve_topology("v5p-64") == ("v5p", "v5p:2x4x4", 32)  # v5p-N counts TensorCores, 2 per chip
     assert resolve_topology("v5p-256") == ("v5p", "v5p:4x4x8", 128)
@@ -40,7 +40,7 @@ def test_aot_reduced_a3b_step_fits_and_flops_in_band():
             "loss_chunk=256",  # the preset's 1024 must divide seq_len
         ],
     )
-    from ernie_jax.aot import format_report
+    from ernie_jax.tools.aot_report import format_report
 
     print(format_report(r))
     assert r["chips"] == 4 and r["mesh"]["expert"] == 4
@@ -73,7 +73,7 @@ def test_aot_reports_a_step_libtpu_refuses_as_not_fitting():
             "loss_chunk=0",
         ],
     )
-    from ernie_jax.aot import format_report
+    from ernie_jax.tools.aot_report import format_report
 
     text = format_report(r)
     print(text)

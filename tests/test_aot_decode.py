@@ -9,9 +9,9 @@ pytestmark = pytest.mark.tpu
 
 def test_reduced_a3b_decode_step_fits_with_the_cache_it_should_have():
     pytest.importorskip("libtpu", reason="TPU AOT compiles need the tpu extra (libtpu)")
-    from ernie_jax import aot
-    from ernie_jax.aot_decode import decode_report, default_decode_mesh
-    from ernie_jax.train_config import apply_overrides, load_preset
+    from ernie_jax.tools import aot_report as aot
+    from ernie_jax.tools.aot_decode import decode_report, default_decode_mesh
+    from ernie_jax.training.config import apply_overrides, load_preset
 
     model = apply_overrides(load_preset("a3b_tpu"), ["model.num_hidden_layers=2", "model.moe_layer_end_index=1"]).model
     gen, name, chips = aot.resolve_topology("v5p-8")

@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from ernie_jax import train as train_mod
 from ernie_jax.config import ConfigError
 from ernie_jax.model import ErnieForCausalLM
-from ernie_jax.optim import make_optimizer
-from ernie_jax.step_builder import model_creator
-from ernie_jax.train_config import apply_overrides, load_preset
-from ernie_jax.train_step import chunked_cross_entropy_sum, cross_entropy_sum, make_train_step, split_model
+from ernie_jax.training import loop as train_mod
+from ernie_jax.training.config import apply_overrides, load_preset
+from ernie_jax.training.losses import chunked_cross_entropy_sum, cross_entropy_sum
+from ernie_jax.training.optim import make_optimizer
+from ernie_jax.training.state import model_creator, split_model
+from ernie_jax.training.step import make_train_step
 from tests.helpers import SMALL_TRAIN_OVERRIDES, TINY_MOE, TINY_MOE_INTERVAL, assert_close, random_ids
 
 B, T, CHUNK = 2, 16, 4

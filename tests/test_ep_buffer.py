@@ -10,8 +10,8 @@ import dataclasses
 import numpy as np
 import pytest
 
-from ernie_jax.train_config import ConfigError, load_preset
-from sharding.expert_parallel import _kept_segments, bounded_traffic, buffer_rows
+from ernie_jax.moe.expert_parallel import _kept_segments, bounded_traffic, buffer_rows
+from ernie_jax.training.config import ConfigError, load_preset
 
 
 def test_buffer_rows():

@@ -1,4 +1,4 @@
-"""`ernie_jax.hlo_stats` weights loop bodies by their trip counts: checked against XLA's own cost analysis of the
+"""`ernie_jax.tools.hlo_stats` weights loop bodies by their trip counts: checked against XLA's own cost analysis of the
 same program with the loop unrolled, on CPU and (through libtpu) for TPU."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ernie_jax.hlo_stats import Module, roofline_seconds
+from ernie_jax.tools.hlo_stats import Module, roofline_seconds
 from tests.helpers import tpu_topology_devices
 
 LAYERS = 6

@@ -13,15 +13,16 @@ import pytest
 from flax import nnx
 
 import sharding
-from ernie_jax import train as train_mod
 from ernie_jax.config import ConfigError
 from ernie_jax.hf.checkpoint import save_pretrained
 from ernie_jax.hf.peft_adapter import ADAPTER_WEIGHTS, save_peft_adapter
 from ernie_jax.lora import ALL_TARGETS, LoRAConfig, LoRAParam, adapters, add_adapters, merge_adapters
 from ernie_jax.model import ErnieForCausalLM
-from ernie_jax.optim import make_optimizer
-from ernie_jax.train_config import apply_overrides, load_preset
-from ernie_jax.train_step import make_train_step, split_model, trainable_params
+from ernie_jax.training import loop as train_mod
+from ernie_jax.training.config import apply_overrides, load_preset
+from ernie_jax.training.optim import make_optimizer
+from ernie_jax.training.state import split_model
+from ernie_jax.training.step import make_train_step, trainable_params
 from tests.helpers import SMALL_TRAIN_OVERRIDES, TINY_DENSE, TINY_MOE, TINY_MOE_INTERVAL, hf_logits, random_ids
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -9,11 +10,11 @@ import jax.extend.core as jex
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
 
 import sharding
-from sharding.expert_parallel import _ragged_body
-from sharding.permute import inverse_permutation, permute_rows, repeat_rows
+from ernie_jax.moe import expert_parallel_moe
+from ernie_jax.moe.permute import inverse_permutation, permute_rows, repeat_rows
+from ernie_jax.options import ModelOptions
 
 M, D = 13, 5
 
@@ -63,11 +64,6 @@ def _row_scatters(jaxpr) -> list[str]:
     return _float_ops(jaxpr, lambda name: name.startswith("scatter"))
 
 
-def _dense_expert_fn(xs, group_sizes, w_gate, w_up, w_down, expected_rows=None):
-    # Every row through local expert 0: the dispatch around it is under test, not the grouped matmul.
-    return (jax.nn.silu(xs @ w_gate[0]) * (xs @ w_up[0])) @ w_down[0]
-
-
 def _moe_args(n=16, d=8, f=4, e=8, k=2):
     keys = jax.random.split(jax.random.key(0), 6)
     x = jax.random.normal(keys[0], (n, d))
@@ -86,22 +82,32 @@ def _grad_jaxpr(layer, args):
     return jax.make_jaxpr(jax.grad(loss, argnums=(0, 2, 3, 4, 5)))(*args).jaxpr
 
 
+# The grouped matmul as the Pallas kernel (traced, not run): one pallas_call each way, so any row scatter left in
+# the jaxpr belongs to the dispatch under test. (The jnp twin's blocked CPU form has scatters of its own.)
+KERNEL_GMM = ModelOptions(gmm_impl="pallas")
+
+
 @pytest.mark.parametrize("devices", [1, 8])
 def test_allgather_dispatch_grad_has_no_row_scatters(devices):
     mesh = sharding.make_mesh(data=1, expert=devices, devices=jax.devices()[:devices])
-    layer = functools.partial(sharding.expert_parallel_moe, mesh=mesh, expert_fn=_dense_expert_fn)
+    layer = functools.partial(expert_parallel_moe, mesh=mesh, options=KERNEL_GMM)
     assert _row_scatters(_grad_jaxpr(layer, _moe_args())) == []
+
+
+def _ragged_layer():
+    # Traced only: XLA:CPU cannot run ragged_all_to_all (passing the real op explicitly lets it be traced here).
+    mesh = sharding.make_mesh(data=1, expert=8)
+    return functools.partial(
+        expert_parallel_moe,
+        mesh=mesh,
+        options=dataclasses.replace(KERNEL_GMM, moe_transport="ragged_a2a"),
+        return_dropped=True,
+        ragged_all_to_all=jax.lax.ragged_all_to_all,
+    )
 
 
 def test_ragged_dispatch_grad_has_no_row_scatters():
-    # Traced only: XLA:CPU cannot run ragged_all_to_all, and expert_parallel_moe refuses it on CPU meshes.
-    mesh = sharding.make_mesh(data=1, expert=8)
-    body = functools.partial(
-        _ragged_body, expert_fn=_dense_expert_fn, ep_axes=("expert",), d_axes=(), f_axes=(), buffer_factor=0.0
-    )
-    row, w = P("expert", None), P("expert", None, None)
-    layer = jax.shard_map(body, mesh=mesh, in_specs=(row, row, row, w, w, w), out_specs=(row, P("expert")))
-    assert _row_scatters(_grad_jaxpr(layer, _moe_args())) == []
+    assert _row_scatters(_grad_jaxpr(_ragged_layer(), _moe_args())) == []
 
 
 def _buffer_psums(jaxpr) -> list[str]:
@@ -111,10 +117,4 @@ def _buffer_psums(jaxpr) -> list[str]:
 def test_ragged_dispatch_grad_has_no_buffer_all_reduce():
     # A device-invariant zeros output buffer would be pvary'd into ragged_all_to_all, and its transpose is a psum
     # of the whole worst-case buffer per layer (202 GiB per step per chip for a3b on v5p-64 before the fix).
-    mesh = sharding.make_mesh(data=1, expert=8)
-    body = functools.partial(
-        _ragged_body, expert_fn=_dense_expert_fn, ep_axes=("expert",), d_axes=(), f_axes=(), buffer_factor=0.0
-    )
-    row, w = P("expert", None), P("expert", None, None)
-    layer = jax.shard_map(body, mesh=mesh, in_specs=(row, row, row, w, w, w), out_specs=(row, P("expert")))
-    assert _buffer_psums(_grad_jaxpr(layer, _moe_args())) == []
+    assert _buffer_psums(_grad_jaxpr(_ragged_layer(), _moe_args())) == []

@@ -16,8 +16,8 @@ import sys
 import numpy as np
 import pytest
 
-from ernie_jax import train as train_mod
-from ernie_jax.train_config import apply_overrides, list_presets, load_preset
+from ernie_jax.training import loop as train_mod
+from ernie_jax.training.config import apply_overrides, list_presets, load_preset
 from tests.test_fault_injection import ROOT, environment
 
 EXTRA_VARIANTS = {  # layouts no preset has, on the tiny preset

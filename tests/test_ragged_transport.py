@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 import sharding
-from ernie_jax.moe import dense_moe_oracle, expert_swiglu, route
+from ernie_jax.moe import dense_moe_oracle, expert_parallel_moe, route
+from ernie_jax.options import ModelOptions
 from tests.helpers import assert_close
 
 
@@ -102,7 +103,7 @@ def test_ragged_transport_matches_dense_oracle(mesh_name):
     mesh = sharding.make_mesh(**MESHES[mesh_name])
 
     def ragged(x, w_gate, w_up, w_down, weights):
-        return sharding.expert_parallel_moe(
+        return expert_parallel_moe(
             x,
             routing.experts,
             weights,
@@ -110,8 +111,7 @@ def test_ragged_transport_matches_dense_oracle(mesh_name):
             w_up,
             w_down,
             mesh=mesh,
-            expert_fn=expert_swiglu,
-            transport="ragged_a2a",
+            options=ModelOptions(moe_transport="ragged_a2a"),
             return_dropped=True,
             ragged_all_to_all=ragged_op_for(mesh),
         )
@@ -156,12 +156,10 @@ def test_bounded_buffer_drops_exactly_the_overflow():
     assert 0 < (~keep).sum() < keep.size, "the buffer must overflow for some assignments, not all"
 
     out, dropped = jax.jit(
-        lambda *a: sharding.expert_parallel_moe(
+        lambda *a: expert_parallel_moe(
             *a,
             mesh=mesh,
-            expert_fn=expert_swiglu,
-            transport="ragged_a2a",
-            buffer_factor=1.0,
+            options=ModelOptions(moe_transport="ragged_a2a", moe_buffer_factor=1.0),
             return_dropped=True,
             ragged_all_to_all=ragged_op_for(mesh),
         )

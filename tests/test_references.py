@@ -21,15 +21,11 @@ import pallas_kernels
 from ernie_jax.layers import RMSNorm, apply_interleaved_rope
 from ernie_jax.model import ErnieForCausalLM
 from ernie_jax.moe import MoEBlock, route, router_stats
-from ernie_jax.optim import lr_schedule, make_optimizer
-from ernie_jax.train_config import apply_overrides, load_preset
-from ernie_jax.train_step import (
-    chunked_cross_entropy_sum,
-    cross_entropy_sum,
-    make_train_step,
-    router_orthogonal_loss,
-    split_model,
-)
+from ernie_jax.training.config import apply_overrides, load_preset
+from ernie_jax.training.losses import chunked_cross_entropy_sum, cross_entropy_sum, router_orthogonal_loss
+from ernie_jax.training.optim import lr_schedule, make_optimizer
+from ernie_jax.training.state import split_model
+from ernie_jax.training.step import make_train_step
 from tests.helpers import TINY_MOE, TINY_MOE_INTERVAL
 
 # ------------------------------------------------------------------------------------------------- numpy references

@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ernie_jax.optim import make_optimizer
-from ernie_jax.train_config import apply_overrides, load_preset
-from ernie_jax.train_step import split_model
+from ernie_jax.training.config import apply_overrides, load_preset
+from ernie_jax.training.optim import make_optimizer
+from ernie_jax.training.state import split_model
 from tests.test_references import tiny_model, train_cfg
 
 # ------------------------------------------------------------------------------------ checkpoints, --init-from-hf
@@ -21,7 +21,7 @@ from tests.test_references import tiny_model, train_cfg
 def test_checkpoint_restore_returns_the_saved_optimizer_state(tmp_path):
     """Restore into a fresh template must give back what was saved: parameters, router biases and the Adam
     moments and step count (a resume with freshly initialised moments would silently restart Adam)."""
-    from ernie_jax.checkpointing import TrainCheckpointer
+    from ernie_jax.training.checkpointing import TrainCheckpointer
 
     model = tiny_model()
     _, params, biases = split_model(model)
@@ -46,7 +46,7 @@ def test_init_from_hf_with_no_update_exports_the_checkpoint_logits(tmp_path):
     """Train one step from a transformers checkpoint with a learning rate so small that no fp32 weight moves and
     the bias update off, export, and the export's logits must be the original checkpoint's (transformers')."""
     from ernie_jax import from_pretrained
-    from ernie_jax import train as train_mod
+    from ernie_jax.training import loop as train_mod
     from tests.helpers import SMALL_TRAIN_OVERRIDES, hf_logits, hf_model, random_ids
 
     overrides = [*SMALL_TRAIN_OVERRIDES, "checkpoint.async_save=false", f"run_dir={tmp_path / 'run'}"]
@@ -118,7 +118,7 @@ def test_resume_onto_another_mesh_continues_the_uninterrupted_run(tmp_path):
     biases and the data position all carried over."""
     import json
 
-    from ernie_jax import train as train_mod
+    from ernie_jax.training import loop as train_mod
     from tests.helpers import SMALL_TRAIN_OVERRIDES
 
     def run(run_dir, *extra):
@@ -146,8 +146,8 @@ def test_export_equals_the_trained_checkpoint(tmp_path):
     """After real training (parameters and router biases moved), the fp32 Hugging Face export holds exactly the
     final checkpoint's parameters and router biases."""
     from ernie_jax import from_pretrained
-    from ernie_jax import train as train_mod
-    from ernie_jax.checkpointing import TrainCheckpointer
+    from ernie_jax.training import loop as train_mod
+    from ernie_jax.training.checkpointing import TrainCheckpointer
     from tests.helpers import SMALL_TRAIN_OVERRIDES
 
     cfg = apply_overrides(

@@ -12,10 +12,10 @@ import os
 import numpy as np
 import pytest
 
-from ernie_jax import train as train_mod
-from ernie_jax.checkpointing import TrainCheckpointer
 from ernie_jax.data import BadRecordError, DataConfig, make_iterator
-from ernie_jax.train_config import apply_overrides, load_preset
+from ernie_jax.training import loop as train_mod
+from ernie_jax.training.checkpointing import TrainCheckpointer
+from ernie_jax.training.config import apply_overrides, load_preset
 from tests.helpers import SMALL_TRAIN_OVERRIDES
 
 SMALL = [*SMALL_TRAIN_OVERRIDES, "checkpoint.async_save=false", "optim.warmup_steps=2"]
@@ -34,10 +34,10 @@ def metrics_rows(run_dir) -> list[dict]:
 def restored_params(run_dir, cfg, step):
     """The params a checkpoint holds, restored through the trainer's own template."""
     import sharding
-    from ernie_jax.optim import make_optimizer
-    from ernie_jax.train_step import split_model
+    from ernie_jax.training.optim import make_optimizer
+    from ernie_jax.training.state import build_model, split_model
 
-    model = train_mod.build_model(cfg, sharding.make_mesh(**cfg.mesh.sizes))
+    model = build_model(cfg, sharding.make_mesh(**cfg.mesh.sizes))
     _, params, biases = split_model(model)
     opt_state = make_optimizer(cfg.optim, cfg.steps, params).init(params)
     ckpt = TrainCheckpointer(os.path.join(run_dir, "checkpoints"), keep=5, async_save=False)

@@ -15,8 +15,9 @@ from flax import nnx
 import sharding
 from ernie_jax.config import ERNIE_4_5_21B_A3B
 from ernie_jax.model import ErnieForCausalLM, abstract_model, moe_layer_stats
-from ernie_jax.moe import Routing, dense_moe_oracle, expert_swiglu
-from ernie_jax.train_config import load_preset
+from ernie_jax.moe import Routing, dense_moe_oracle, expert_parallel_moe
+from ernie_jax.options import ModelOptions
+from ernie_jax.training.config import load_preset
 from tests.helpers import TINY_MOE, assert_close
 
 MESHES = {
@@ -97,9 +98,7 @@ def test_sharding_ep_moe_matches_dense_oracle_with_empty_experts(mesh_name):
     mesh = _mesh(MESHES[mesh_name])
 
     def ep(x, w_gate, w_up, w_down, weights):
-        return sharding.expert_parallel_moe(
-            x, routing.experts, weights, w_gate, w_up, w_down, mesh=mesh, expert_fn=expert_swiglu
-        )
+        return expert_parallel_moe(x, routing.experts, weights, w_gate, w_up, w_down, mesh=mesh)
 
     def oracle(x, w_gate, w_up, w_down, weights):
         return dense_moe_oracle(x, routing._replace(weights=weights), w_gate, w_up, w_down)
@@ -118,23 +117,14 @@ def test_sharding_experts_not_divisible_by_expert_axis_is_a_clear_error():
     x = jnp.zeros((8, 16))
     w = jnp.zeros((6, 16, 8))
     with pytest.raises(sharding.ShardingError, match="experts"):
-        sharding.expert_parallel_moe(
-            x,
-            jnp.zeros((8, 2), jnp.int32),
-            jnp.zeros((8, 2)),
-            w,
-            w,
-            jnp.zeros((6, 8, 16)),
-            mesh=mesh,
-            expert_fn=expert_swiglu,
-        )
+        expert_parallel_moe(x, jnp.zeros((8, 2), jnp.int32), jnp.zeros((8, 2)), w, w, jnp.zeros((6, 8, 16)), mesh=mesh)
 
 
 def test_sharding_ragged_all_to_all_refuses_cpu_with_the_fix():
     mesh = _mesh(dict(data=1, expert=8))
     w = jnp.zeros((8, 16, 8))
     with pytest.raises(NotImplementedError, match="allgather"):
-        sharding.expert_parallel_moe(
+        expert_parallel_moe(
             jnp.zeros((16, 16)),
             jnp.zeros((16, 2), jnp.int32),
             jnp.zeros((16, 2)),
@@ -142,8 +132,7 @@ def test_sharding_ragged_all_to_all_refuses_cpu_with_the_fix():
             w,
             jnp.zeros((8, 8, 16)),
             mesh=mesh,
-            expert_fn=expert_swiglu,
-            transport="ragged_a2a",
+            options=ModelOptions(moe_transport="ragged_a2a"),
         )
 
 

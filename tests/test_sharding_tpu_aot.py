@@ -10,7 +10,8 @@ import pytest
 from jax.sharding import NamedSharding
 
 import sharding
-from ernie_jax.moe import expert_swiglu
+from ernie_jax.moe import expert_parallel_moe
+from ernie_jax.options import ModelOptions
 from tests.helpers import tpu_topology_devices
 
 pytestmark = pytest.mark.tpu
@@ -43,10 +44,8 @@ def test_sharding_moe_layer_compiles_for_v5p(transport):
     )
 
     def layer(x, experts, weights, w_gate, w_up, w_down):
-        return sharding.expert_parallel_moe(
-            x, experts, weights, w_gate, w_up, w_down, mesh=mesh, expert_fn=expert_swiglu, transport=transport,
-            buffer_factor=buffer_factor,
-        )  # fmt: skip
+        options = ModelOptions(moe_transport=transport, moe_buffer_factor=buffer_factor)
+        return expert_parallel_moe(x, experts, weights, w_gate, w_up, w_down, mesh=mesh, options=options)
 
     def loss(*a):
         return jnp.sum(layer(*a).astype(jnp.float32))

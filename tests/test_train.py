@@ -8,12 +8,14 @@ import os
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import sharding
-from ernie_jax import train as train_mod
 from ernie_jax.config import ConfigError
-from ernie_jax.train_config import apply_overrides, load_preset
-from tests.helpers import SMALL_TRAIN_OVERRIDES
+from ernie_jax.model import ErnieForCausalLM
+from ernie_jax.training import loop as train_mod
+from ernie_jax.training.config import apply_overrides, load_preset
+from tests.helpers import SMALL_TRAIN_OVERRIDES, TINY_MOE
 
 SMALL = [*SMALL_TRAIN_OVERRIDES, "checkpoint.async_save=false", "optim.warmup_steps=2"]
 
@@ -60,18 +62,20 @@ def test_nonfinite_guard(tmp_path):
     assert out["skipped_steps"] > 0 and out["end_step"] == 6
 
 
-def test_aux_free_bias_moves_toward_balance(tmp_path):
-    from ernie_jax.train_step import _update_biases
+def test_aux_free_bias_moves_toward_balance():
+    from ernie_jax.moe import update_correction_biases
 
-    counts = [[None], [jnp.array([[10.0, 0.0, 5.0, 5.0]])]]
-    from flax import nnx
-
-    biases = nnx.State({"groups": {1: {"layers": {0: {"ffn": {"correction_bias": nnx.Variable(jnp.zeros((1, 4)))}}}}}})
-    new = _update_biases(biases, counts, 0.1)
-    np.testing.assert_array_equal(
-        new["groups"][1]["layers"][0]["ffn"]["correction_bias"].get_value(),
-        np.array([[-0.1, 0.1, 0.0, 0.0]], np.float32),
-    )  # overloaded expert down, idle expert up
+    cfg = TINY_MOE.replace(moe_num_experts=4, moe_k=2)  # dense and MoE layers
+    model = ErnieForCausalLM(cfg, rngs=nnx.Rngs(0))
+    (pattern, repeats), *_ = cfg.layer_groups
+    loads = [[None if kind == "dense" else jnp.tile(jnp.array([10.0, 0.0, 5.0, 5.0]), (r, 1)) for kind in p]
+             for p, r in cfg.layer_groups]  # fmt: skip
+    update_correction_biases(model, loads, 0.1)
+    for (p, r), group in zip(cfg.layer_groups, model.groups, strict=True):
+        for kind, layer in zip(p, group.layers, strict=True):
+            if kind == "moe":  # overloaded expert down, idle expert up
+                expected = np.tile(np.array([-0.1, 0.1, 0.0, 0.0], np.float32), (r, 1))
+                np.testing.assert_array_equal(layer.ffn.correction_bias.get_value(), expected)
 
 
 def test_cli_overrides_and_errors(capsys):
@@ -157,7 +161,7 @@ def test_damaged_checkpoint_is_named_and_unfinished_save_is_ignored(tmp_path):
     ckpts = tmp_path / "checkpoints"
     # A save cut short (preemption) leaves only Orbax's temporary directory: it is never taken as the latest.
     (ckpts / "7.orbax-checkpoint-tmp-1234").mkdir()
-    from ernie_jax.checkpointing import TrainCheckpointer
+    from ernie_jax.training.checkpointing import TrainCheckpointer
 
     assert TrainCheckpointer(str(ckpts), keep=5).latest_step() == 2
     # A finalised step whose array files were damaged afterwards is never half-loaded: it is moved aside and the
@@ -174,7 +178,7 @@ def test_micro_batches_that_do_not_divide_over_the_batch_shards_are_warned_about
     caplog = project_logs
     # 16 rows in 4 micro-batches of 4 over 8 batch shards: rows are replicated and their work repeated. Allowed
     # (the result is right), but said.
-    from ernie_jax.step_builder import batch_sharding
+    from ernie_jax.training.state import batch_sharding
 
     cfg = apply_overrides(load_preset("tiny"), ["data.global_batch_size=16", "optim.grad_accum=4"])
     mesh = sharding.make_mesh(data=8)

@@ -24,6 +24,7 @@ from ernie_jax.data.pipeline import (
     truncation_counts,
     vocab_size_for,
 )
+from ernie_jax.data.schema import BATCH_DTYPES, BATCH_KEYS, make_batch
 from ernie_jax.data.sft import ConversationEncoder
 from ernie_jax.data.sources import (
     SUPPORTED_FORMATS,
@@ -35,6 +36,9 @@ from ernie_jax.data.sources import (
 from ernie_jax.data.tokenizers import ByteTokenizer, SentencePieceTokenizer, Tokenizer, load_tokenizer
 
 __all__ = [
+    "BATCH_DTYPES",
+    "BATCH_KEYS",
+    "make_batch",
     "BUILTIN_PYTHON_DOCS",
     "SUPPORTED_FORMATS",
     "TXT_SPLITS",

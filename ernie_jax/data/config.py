@@ -21,6 +21,9 @@ class DataConfig:
         tokenizer: ``"bytes"`` (UTF-8 bytes, vocab 259) or a path to a directory holding ``tokenizer.model``
             (ERNIE's SentencePiece model) or to the ``.model`` file itself.
         seq_len: Tokens per packed row (the model's sequence length).
+        lookahead: Extra tokens per row past ``seq_len`` (rows hold ``seq_len + lookahead``): the tokens that
+            multi-token prediction embeds and predicts beyond the main model's window. The trainer sets it from
+            ``mtp.depth``; 0 otherwise.
         global_batch_size: Rows per step summed over all processes.
         seed: Seed of the document shuffle; the stream is a pure function of the config and the seed.
         shuffle: Shuffle documents (a fresh permutation each epoch).
@@ -46,6 +49,7 @@ class DataConfig:
     text_field: str = "text"
     tokenizer: str = "bytes"
     seq_len: int = 256
+    lookahead: int = 0
     global_batch_size: int = 8
     seed: int = 0
     shuffle: bool = True
@@ -73,6 +77,8 @@ class DataConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"DataConfig.{name} must be a positive int, got {value!r}")
+        if not isinstance(self.lookahead, int) or isinstance(self.lookahead, bool) or self.lookahead < 0:
+            raise ValueError(f"DataConfig.lookahead must be an int >= 0, got {self.lookahead!r}")
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
             raise ValueError(f"DataConfig.seed must be an int in [0, 2**32), got {self.seed!r}")
         if self.num_epochs is not None and (not isinstance(self.num_epochs, int) or self.num_epochs < 1):
@@ -89,6 +95,11 @@ class DataConfig:
             raise ValueError(f"DataConfig.on_bad_record must be 'stop' or 'skip', got {self.on_bad_record!r}")
         if self.txt_split not in TXT_SPLITS:
             raise ValueError(f"DataConfig.txt_split must be one of {TXT_SPLITS}, got {self.txt_split!r}")
+
+    @property
+    def row_len(self) -> int:
+        """Tokens per packed row: seq_len plus the lookahead."""
+        return self.seq_len + self.lookahead
 
     def replace(self, **changes) -> DataConfig:
         """A copy with `changes` applied (and validated)."""

@@ -19,6 +19,7 @@ import numpy as np
 from grain import experimental as grain_exp
 
 from ernie_jax.data.config import DataConfig
+from ernie_jax.data.schema import make_batch
 from ernie_jax.data.sft import ConversationEncoder
 from ernie_jax.data.sources import DocumentSource, expand_sources, file_format
 from ernie_jax.data.tokenizers import Tokenizer, load_tokenizer
@@ -78,18 +79,19 @@ class _Encode:
 
 
 def _finalize(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Packed features -> the batch schema (BATCH_KEYS). Text rows learn every real target; SFT rows carry a mask."""
-    segment_ids = batch["input_ids_segment_ids"].astype(np.int32)
+    """Packed features -> the batch schema (data/schema.py). Text rows learn every real target; SFT rows carry a
+    mask of their own."""
+    segment_ids = batch["input_ids_segment_ids"]
     loss_mask = (segment_ids > 0).astype(np.float32)
     if "loss_mask" in batch:
         loss_mask = loss_mask * batch["loss_mask"].astype(np.float32)
-    return {
-        "input_ids": batch["input_ids"].astype(np.int32),
-        "targets": batch["targets"].astype(np.int32),
-        "segment_ids": segment_ids,
-        "positions": batch["input_ids_positions"].astype(np.int32),
-        "loss_mask": loss_mask,
-    }
+    return make_batch(
+        input_ids=batch["input_ids"],
+        targets=batch["targets"],
+        segment_ids=segment_ids,
+        positions=batch["input_ids_positions"],
+        loss_mask=loss_mask,
+    )
 
 
 def _not_none(x) -> bool:
@@ -133,13 +135,13 @@ def make_dataset(
         # First-fit packing pads instead of splitting: a conversation cut across rows would lose its own context.
         packed = grain_exp.FirstFitPackIterDataset(
             it_ds,
-            length_struct={"input_ids": cfg.seq_len, "targets": cfg.seq_len, "loss_mask": cfg.seq_len},
+            length_struct={"input_ids": cfg.row_len, "targets": cfg.row_len, "loss_mask": cfg.row_len},
             num_packing_bins=batch,
             shuffle_bins=False,
         )
     else:
         packed = grain_exp.ConcatThenSplitIterDataset(
-            it_ds, length_struct={"input_ids": cfg.seq_len, "targets": cfg.seq_len}
+            it_ds, length_struct={"input_ids": cfg.row_len, "targets": cfg.row_len}
         )
     out = packed.batch(cfg.global_batch_size if by_rows else batch, drop_remainder=True).map(_finalize)
     if by_rows:
@@ -166,7 +168,8 @@ class _TakeRows:
 
 
 def make_iterator(cfg: DataConfig, *, process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:
-    """Batches for this process: dicts of numpy arrays shaped ``[global_batch_size // process_count, seq_len]``.
+    """Batches for this process: dicts of numpy arrays shaped ``[global_batch_size // process_count, row_len]``
+    (row_len = seq_len + lookahead).
 
     Keys: ``input_ids``, ``targets`` (next token of the same document), ``segment_ids`` (1.. per document piece in
     a row, 0 = padding), ``positions`` (restart at 0 per segment) int32, and ``loss_mask`` float32 (1 where
@@ -188,7 +191,7 @@ def document_source(cfg: DataConfig) -> DocumentSource:
         not_jsonl = [f for f in files if file_format(f) != "jsonl"]
         if not_jsonl:
             raise ValueError(f"data.format=sft reads jsonl conversations; not jsonl: {not_jsonl[:3]}")
-        encoder = ConversationEncoder(make_tokenizer(cfg), cfg.seq_len)
+        encoder = ConversationEncoder(make_tokenizer(cfg), cfg.row_len)
         return DocumentSource(files, text_field=None, on_bad_record=cfg.on_bad_record, convert=encoder)
     return DocumentSource(files, text_field=cfg.text_field, txt_split=cfg.txt_split, on_bad_record=cfg.on_bad_record)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Sequence
 
@@ -12,6 +13,9 @@ import sharding
 from ernie_jax.generation.config import GenerationConfig
 from ernie_jax.generation.decode import DecodeSpec, StreamFn, decode_batch, new_tokens_per_row
 from ernie_jax.generation.sampling import Sampling
+from ernie_jax.model import with_options
+
+log = logging.getLogger(__name__)
 
 FROM_CONFIG = ...  # default of an argument whose value comes from the generation config
 
@@ -44,7 +48,8 @@ def generate(
     generation_config: GenerationConfig | str | os.PathLike | None = None,
     stream: StreamFn | None = None,
     mesh: Mesh | None = None,
-    moe_transport: str = "allgather",
+    moe_transport: str | None = None,
+    speculative: str | None = None,
 ) -> list[list[int]]:
     """Continue each prompt (a list of token ids; lengths may differ) by up to `max_new_tokens` tokens.
 
@@ -60,8 +65,13 @@ def generate(
     the callable is part of the compiled loop's cache key, so pass the same one again to reuse the compile.
     With `mesh=` (the mesh the model was loaded onto; or inside `sharding.use_mesh(...)`) the batch and the cache
     are sharded over it (the batch padded with idle rows to divide it) and MoE layers run expert-parallel with
-    `moe_transport`.
+    the model's own run options (`model.options`), or with `moe_transport` when given.
+    `speculative="mtp"` drafts each next token with the model's MTP head and verifies it with the main model in the
+    same forward (up to two tokens per forward): greedy output is plain greedy's token for token, and sampling
+    keeps the model's distribution (standard speculative sampling). The acceptance rate is logged.
     """
+    if moe_transport is not None and moe_transport != model.options.moe_transport:
+        model = with_options(model, moe_transport=moe_transport, moe_buffer_factor=0.0)
     config = resolve_generation_config(model, generation_config)
     if temperature is FROM_CONFIG:
         temperature = config.temperature if config.do_sample else 0.0
@@ -80,15 +90,31 @@ def generate(
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if max_new_tokens == 0:
         return [[] for _ in prompts]
+    if speculative not in (None, "mtp"):
+        raise ValueError(f"speculative: None or 'mtp', got {speculative!r}")
+    if speculative and getattr(model, "mtp", None) is None:
+        raise ValueError("speculative='mtp': this model has no MTP head (config num_nextn_predict_layers=0)")
+    if speculative and repetition_penalty != 1.0:
+        raise ValueError("speculative='mtp' with a repetition penalty is not supported; use repetition_penalty=1.0")
     spec = DecodeSpec(
         sampling=Sampling(float(temperature), top_k, top_p, float(repetition_penalty)),
         max_new_tokens=int(max_new_tokens),
         eos_ids=tuple(int(i) for i in eos_ids),
         pad_id=int(pad_token_id),
         stream=stream,
+        speculative=bool(speculative),
     )
-    with sharding.use_mesh(mesh, moe_transport=moe_transport) if mesh is not None else contextlib.nullcontext():
+    with sharding.use_mesh(mesh) if mesh is not None else contextlib.nullcontext():
         generated = decode_batch(model, prompts, spec, seed=seed)
+    if generated.stats is not None:
+        st = generated.stats
+        log.info(
+            "speculative (mtp): %d of %d drafts accepted (%.0f%%), %.2f tokens per main-model forward",
+            st["accepted"],
+            st["drafted"],
+            100 * st["acceptance"],
+            st["tokens_per_forward"],
+        )
     return new_tokens_per_row(generated, spec.eos_ids)
 
 

@@ -27,6 +27,7 @@ from jax.experimental import io_callback
 
 import sharding
 from ernie_jax.generation.sampling import Sampling, choose_tokens
+from ernie_jax.generation.speculative import prefill_speculative, speculative_loop
 from ernie_jax.model import KVCache
 
 PROMPT_BUCKET = 16  # prompts are left-padded to a multiple of this, so nearby lengths share one compile
@@ -45,6 +46,7 @@ class DecodeSpec:
     pad_id: int  # written after a row stops
     record_logits: bool = False  # keep every step's logits (for tests: [B, max_new_tokens, V] fp32)
     stream: StreamFn | None = None
+    speculative: bool = False  # draft with the MTP head, verify with the main model (generation/speculative.py)
 
 
 class DecodeState(NamedTuple):
@@ -66,6 +68,7 @@ class Generated(NamedTuple):
     logits: np.ndarray | None  # [B, M, V] fp32 with record_logits
     prompt_ids: np.ndarray  # [B, P] the left-padded prompts as run
     row_start: np.ndarray  # [B] each row's left padding
+    stats: dict | None = None  # speculative decoding: drafts checked, accepted, main-model forwards
 
 
 def _stream_to_host(stream: StreamFn, tokens: np.ndarray, was_done: np.ndarray) -> None:
@@ -175,12 +178,33 @@ def decode_batch(
     done = np.arange(rows) >= real_rows
     graphdef, params = nnx.split(model)
     key = jax.random.key(seed)
+    if spec.speculative:
+        return _decode_speculative(graphdef, params, prompt_ids, row_start, done, key, spec, real_rows)
     cache_size = width + spec.max_new_tokens  # the last step writes slot width + max_new_tokens - 2
     state = prefill(graphdef, params, prompt_ids, row_start, done, key, spec=spec, cache_size=cache_size)
     state = decode_loop(graphdef, params, state, key, spec=spec)
     tokens = np.asarray(state.tokens)[:real_rows]
     logits = None if state.logits is None else np.asarray(state.logits)[:real_rows]
     return Generated(tokens, int(state.step), logits, prompt_ids[:real_rows], row_start[:real_rows])
+
+
+def _decode_speculative(graphdef, params, prompt_ids, row_start, done, key, spec: DecodeSpec, real_rows: int):
+    """decode_batch's speculative path: two cache slots per step (a draft may be rejected), stats kept."""
+    cache_size = prompt_ids.shape[1] + 2 * spec.max_new_tokens
+    state = prefill_speculative(graphdef, params, prompt_ids, row_start, done, key, spec=spec, cache_size=cache_size)
+    state = speculative_loop(graphdef, params, state, key, spec=spec)
+    counts = np.asarray(state.count)[:real_rows]
+    drafted, accepted, forwards = int(state.drafted), int(state.accepted), int(state.step)
+    stats = {
+        "drafted": drafted,
+        "accepted": accepted,
+        "acceptance": accepted / drafted if drafted else 0.0,
+        "main_forwards": forwards,  # verify steps after the prefill
+        # tokens past the prefill's first one, per verify forward and live row
+        "tokens_per_forward": (drafted + accepted) / drafted if drafted else 0.0,
+    }
+    tokens = np.asarray(state.tokens)[:real_rows]
+    return Generated(tokens, int(counts.max(initial=0)), None, prompt_ids[:real_rows], row_start[:real_rows], stats)
 
 
 def new_tokens_per_row(generated: Generated, eos_ids: Sequence[int]) -> list[list[int]]:

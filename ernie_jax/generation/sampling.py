@@ -70,15 +70,41 @@ def top_p_filter(logits: jax.Array, p: float) -> jax.Array:
     return jnp.where(logits < threshold, -jnp.inf, logits)
 
 
+def sampling_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
+    """Temperature, then top-k, then top-p: the logits whose softmax is the distribution a token is drawn from.
+    [B, V] fp32 -> [B, V] (filtered tokens at -inf). Not for greedy (temperature 0)."""
+    logits = logits / sampling.temperature
+    if sampling.top_k is not None and sampling.top_k < logits.shape[-1]:
+        logits = top_k_filter(logits, sampling.top_k)
+    if sampling.top_p is not None:
+        logits = top_p_filter(logits, sampling.top_p)
+    return logits
+
+
 def choose_tokens(logits: jax.Array, key: jax.Array, sampling: Sampling, seen: jax.Array | None) -> jax.Array:
     """The next token per row: logits [B, V] fp32 -> [B] int32."""
     if sampling.penalises_repeats:
         logits = apply_repetition_penalty(logits, seen, sampling.repetition_penalty)
     if sampling.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / sampling.temperature
-    if sampling.top_k is not None and sampling.top_k < logits.shape[-1]:
-        logits = top_k_filter(logits, sampling.top_k)
-    if sampling.top_p is not None:
-        logits = top_p_filter(logits, sampling.top_p)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, sampling_logits(logits, sampling), axis=-1).astype(jnp.int32)
+
+
+def accept_draft(
+    target: jax.Array, draft_dist: jax.Array, draft: jax.Array, key: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Speculative sampling's rule, which leaves the target distribution exactly as it is: accept the draft token d
+    (drawn from q) with probability min(1, p(d) / q(d)); otherwise draw from max(p - q, 0), renormalised.
+
+    target p, draft_dist q: [B, V] probabilities; draft [B] int32. Returns (accepted [B] bool, token [B] int32:
+    the draft where accepted, the residual draw elsewhere).
+    """
+    accept_key, residual_key = jax.random.split(key)
+    rows = jnp.arange(draft.shape[0])
+    p_d, q_d = target[rows, draft], draft_dist[rows, draft]
+    accepted = jax.random.uniform(accept_key, draft.shape) * q_d < p_d  # u < p/q without dividing by q = 0
+    residual = jnp.maximum(target - draft_dist, 0.0)
+    # p == q leaves no residual mass; then nothing can be rejected anyway (p(d) = q(d)), so any fallback is unused.
+    residual = jnp.where(jnp.sum(residual, -1, keepdims=True) > 0, residual, target)
+    redrawn = jax.random.categorical(residual_key, jnp.log(residual), axis=-1).astype(jnp.int32)
+    return accepted, jnp.where(accepted, draft, redrawn)

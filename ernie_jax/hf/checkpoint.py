@@ -19,6 +19,7 @@ import safetensors
 import safetensors.numpy
 
 import sharding
+from ernie_jax import quant
 from ernie_jax.config import ConfigError, ErnieConfig
 from ernie_jax.generation.config import GenerationConfig
 from ernie_jax.hf.names import is_ignored_hf_key, tensor_maps
@@ -31,7 +32,8 @@ from ernie_jax.hf.transfer import (
     validate_tensors,
     write_checkpoint,
 )
-from ernie_jax.model import ErnieForCausalLM, ModelOptions, abstract_model
+from ernie_jax.model import ErnieForCausalLM, abstract_model
+from ernie_jax.options import ModelOptions
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +108,7 @@ def from_pretrained(
     rules=sharding.DEFAULT_RULES,
     options: ModelOptions = ModelOptions(),
     progress: bool = True,
+    quantize: str | None = None,
 ) -> ErnieForCausalLM:
     """Load a Hugging Face ERNIE 4.5 checkpoint directory into an `ErnieForCausalLM`.
 
@@ -114,15 +117,23 @@ def from_pretrained(
       dtype: compute dtype, and parameter dtype unless `param_dtype` is given (training: fp32 master weights).
         The router weight and correction bias always stay fp32.
       mesh: if given, every parameter is placed on its sharding (sharding.rules) as it is read.
+      quantize: "int8" (or "nf4"): the decoder's matmul and expert weights are stored quantized
+        (`ernie_jax.quant`), each converted right after loading, and dequantised inside the matmuls. Text models.
     """
+    if quantize is not None and quantize not in quant.QUANT_KINDS:
+        raise ValueError(f"from_pretrained: quantize={quantize!r}; choose from {', '.join(quant.QUANT_KINDS)}")
     with reading_checkpoint(path):
         if _model_type(path) == VL_MODEL_TYPE:  # the multimodal model has its own bridge (imported late: it uses ours)
+            if quantize is not None:
+                raise ValueError(f"{path}: quantize={quantize!r} is supported for the text models only, not VL")
             from ernie_jax import vl
 
             return vl.from_pretrained(
                 path, dtype, mesh, param_dtype=param_dtype, rules=rules, options=options, progress=progress
             )
         model = _load(path, dtype, mesh, param_dtype, rules, options, progress)
+        if quantize is not None:
+            quant.quantize(model, quantize, rules=rules)
         # Sampling and EOS defaults for ernie_jax.generate (None when the checkpoint has no generation_config.json).
         model.generation_config = GenerationConfig.from_pretrained(path)
         return model
@@ -157,7 +168,13 @@ def _load(path, dtype, mesh, param_dtype, rules, options, progress) -> ErnieForC
     ignored = validate_tensors(reader, maps, lambda key: is_ignored_hf_key(key, cfg))
     mtp = [k for k in ignored if "mtp" in k]
     if mtp:
-        log.info("Skipping %d multi-token-prediction tensors (%s, ...): MTP is not modelled.", len(mtp), mtp[0])
+        log.info(
+            "Skipping %d multi-token-prediction tensors (%s, ...): config.json has num_nextn_predict_layers=%d; set "
+            "it to the checkpoint's MTP depth to load them",
+            len(mtp),
+            mtp[0],
+            cfg.num_nextn_predict_layers,
+        )
     param_dtype = dtype if param_dtype is None else param_dtype
     abstract = abstract_model(cfg, dtype=dtype, param_dtype=param_dtype, options=options)
     model = load_parameters(reader, abstract, maps, param_dtype=param_dtype, mesh=mesh, rules=rules, progress=progress)

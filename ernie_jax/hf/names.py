@@ -28,6 +28,9 @@ class TensorMap:
     to_hf: Callable[[np.ndarray], np.ndarray]  # our slice -> the HF tensor (or its row `part`)
     part: int | None = None  # our slice is row `part` of an HF tensor shared with another parameter (VL biases)
     keep_fp32: bool = False  # router weight and correction bias are fp32 on disk and in memory
+    # A copy of the released checkpoints stored this tensor transposed (the MTP projection of one 300B upload):
+    # a tensor of exactly the reversed shape is accepted and transposed on load, with a log line.
+    transposed_ok: bool = False
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -170,6 +173,7 @@ def tensor_maps(cfg: ErnieConfig) -> list[TensorMap]:
             lambda w: w,
         )
     )
+    maps += _mtp_maps(cfg)
     if not cfg.tie_word_embeddings:
         hf_shape, local_shape, to_local, to_hf = _linear(v, d)
         maps.append(
@@ -189,6 +193,38 @@ def tensor_maps(cfg: ErnieConfig) -> list[TensorMap]:
     return maps
 
 
+def _mtp_maps(cfg: ErnieConfig) -> list[TensorMap]:
+    """The multi-token-prediction depths: `model.mtp_{emb_norm,hidden_norm,linear_proj}.{d}` and the decoder layer
+    `model.mtp_block.{d}.*` (Paddle's names, which vLLM and SGLang read too)."""
+    d = cfg.hidden_size
+    maps = []
+    for depth in range(cfg.num_nextn_predict_layers):
+        prefix = ("mtp", depth)
+        entries = [
+            (("emb_norm", "weight"), f"model.mtp_emb_norm.{depth}.weight", _reshape((d,), (d,)), False),
+            (("hidden_norm", "weight"), f"model.mtp_hidden_norm.{depth}.weight", _reshape((d,), (d,)), False),
+            (("proj",), f"model.mtp_linear_proj.{depth}.weight", _linear(d, 2 * d), True),  # torch [D, 2D]
+        ]
+        if cfg.use_bias:
+            entries.append((("proj_bias",), f"model.mtp_linear_proj.{depth}.bias", _reshape((d,), (d,)), False))
+        for local, suffix, transform, _, _ in _layer_entries(cfg, cfg.layer_kind(depth)):
+            entries.append((("block", *local), f"model.mtp_block.{depth}.{suffix}", transform, False))
+        for local, key, (hf_shape, local_shape, to_local, to_hf), transposed_ok in entries:
+            maps.append(
+                TensorMap(
+                    (*prefix, *local),
+                    np.array(key, dtype=object),
+                    hf_shape,
+                    local_shape,
+                    to_local,
+                    to_hf,
+                    transposed_ok=transposed_ok,
+                )
+            )
+    return maps
+
+
 def is_ignored_hf_key(key: str, cfg: ErnieConfig) -> bool:
-    """Tensors present in released checkpoints that this model does not use (MTP blocks; a tied head copy)."""
+    """Tensors present in released checkpoints that this model does not use: MTP depths past the config's
+    `num_nextn_predict_layers` (all of them when it is 0), a tied head's copy."""
     return "mtp" in key or (cfg.tie_word_embeddings and key == "lm_head.weight")

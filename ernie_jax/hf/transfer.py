@@ -7,6 +7,7 @@ into (sharded) parameters and writing a checkpoint whole-or-not-at-all happen he
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -25,6 +26,7 @@ from ernie_jax.hf.names import TensorMap
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 2**30
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -52,9 +54,12 @@ def validate_tensors(reader, maps: list[TensorMap], is_ignored: Callable[[str], 
             f"{reader.directory}: {len(extra)} tensor(s) in the checkpoint are not part of this config's model, "
             f"e.g. {extra[:5]}. Is config.json from the same model?"
         )
+    transposable = {key for m in maps if m.transposed_ok for key in m.hf_keys.reshape(-1)}
     for key, want in expected.items():
-        got = reader.shape(key)
-        if got != want:
+        got = tuple(reader.shape(key))
+        if got != tuple(want) and key in transposable and got == tuple(want)[::-1]:
+            log.info("%s is stored transposed (%s instead of %s): transposing it on load", key, list(got), list(want))
+        elif got != tuple(want):
             raise CheckpointError(f"{key}: checkpoint has shape {list(got)}, the config expects {list(want)}")
     return [k for k in unknown if is_ignored(k)]
 
@@ -65,7 +70,10 @@ def _filler(reader, m: TensorMap, np_dtype):
 
     def read_local(key: str) -> np.ndarray:
         try:
-            return m.to_local(reader.read(key))
+            raw = reader.read(key)
+            if m.transposed_ok and raw.shape != tuple(m.hf_shape) and raw.shape == tuple(m.hf_shape)[::-1]:
+                raw = raw.T  # validate_tensors accepted (and logged) this copy's transposed layout
+            return m.to_local(raw)
         except (ValueError, TypeError) as err:  # a tensor that reads but does not transform: name it
             raise CheckpointError(f"{key}: cannot be read into {m.name}: {err}") from err
 
@@ -85,13 +93,35 @@ def _filler(reader, m: TensorMap, np_dtype):
     return fill
 
 
+def check_names_cover(flat_state: dict, maps: list[TensorMap], action: str) -> None:
+    """Every variable of the model has a Hugging Face name and every name a variable: a parameter the map does not
+    know (an added module, unmerged LoRA adapters) would otherwise be silently left out of a save or a load."""
+    ours, named = set(flat_state), {m.path for m in maps}
+    if ours == named:
+        return
+    unnamed = sorted(".".join(map(str, p)) for p in ours - named)
+    missing = sorted(".".join(map(str, p)) for p in named - ours)
+    raise ValueError(
+        f"{action}: the model does not match the Hugging Face layout: "
+        + "; ".join(
+            part
+            for part in (
+                unnamed
+                and f"no HF name for {', '.join(unnamed)} (merge LoRA adapters with "
+                "ernie_jax.lora.merge_adapters; other added modules cannot be written in this layout)",
+                missing and f"missing {', '.join(missing)}",
+            )
+            if part
+        )
+    )
+
+
 def load_parameters(reader, abstract: nnx.Module, maps: list[TensorMap], *, param_dtype, mesh, rules, progress):
     """`abstract` (a model of ShapeDtypeStructs) with every parameter read from `reader`, each straight onto its
     sharding (one device when `mesh` is None): `jax.make_array_from_callback` reads only the slice a device holds."""
     graphdef, state = nnx.split(abstract)
     flat = dict(nnx.to_flat_state(state))
-    if set(flat) != {m.path for m in maps}:
-        raise AssertionError(f"internal: HF name map out of sync with the model: {set(flat) ^ {m.path for m in maps}}")
+    check_names_cover(flat, maps, "from_pretrained")
     default_sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     total = sum(int(np.prod(m.shape)) for m in maps)
     with tqdm(total=total, unit="param", unit_scale=True, desc="loading", disable=not progress) as bar:
@@ -127,6 +157,7 @@ def write_checkpoint(
     """
     path = os.fspath(path)
     flat = dict(nnx.to_flat_state(nnx.state(model)))
+    check_names_cover(flat, maps, "save_pretrained")
     out_dtype = np.dtype(dtype or flat[("embed",)].get_value().dtype)
     plan: dict[str, list[tuple[TensorMap, tuple[int, ...]]]] = {}  # HF name -> the parameter slices it is made of
     for m in maps:

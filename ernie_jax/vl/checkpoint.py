@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import sharding
 from ernie_jax.hf.checkpoint import SafetensorsReader
 from ernie_jax.hf.transfer import DEFAULT_MAX_SHARD_BYTES, load_parameters, validate_tensors, write_checkpoint
-from ernie_jax.model import ModelOptions
+from ernie_jax.options import ModelOptions
 from ernie_jax.vl.config import VLConfig
 from ernie_jax.vl.model import ErnieVLForConditionalGeneration, abstract_model
 from ernie_jax.vl.names import is_ignored_hf_key, tensor_maps

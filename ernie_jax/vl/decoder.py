@@ -8,13 +8,12 @@ shared by every layer, as transformers does. Consecutive layers of one kind are 
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
-import pallas_kernels
 import sharding
 from ernie_jax.layers import MLP, Attention, RMSNorm
-from ernie_jax.model import REMAT_POLICIES, ModelOptions
+from ernie_jax.model import REMAT_POLICIES
+from ernie_jax.options import ModelOptions
 from ernie_jax.vl.config import MlpKind, VLTextConfig
 from ernie_jax.vl.moe import ModalityIsolatedMoE
 from ernie_jax.vl.rope import rotate_pairs
@@ -25,28 +24,10 @@ class MRopeAttention(Attention):
 
     def __call__(self, x: jax.Array, angles: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
         """x [B, T, D], angles [B, T, H/2] fp32, segment_ids [B, T] (0 = padding) -> [B, T, D]."""
-        x = x.astype(self.dtype)
-        q = jnp.einsum("BTD,DNH->BTNH", x, self.wq[...].astype(self.dtype))
-        k = jnp.einsum("BTD,DKH->BTKH", x, self.wk[...].astype(self.dtype))
-        v = jnp.einsum("BTD,DKH->BTKH", x, self.wv[...].astype(self.dtype))
-        if self.use_bias:
-            q = q + self.bq[...].astype(self.dtype)
-            k = k + self.bk[...].astype(self.dtype)
-            v = v + self.bv[...].astype(self.dtype)
+        q, k, v = self._project_qkv(x)
         q = rotate_pairs(q, angles)
         k = rotate_pairs(k, angles)
-        attend = lambda q_, k_, v_, seg: pallas_kernels.flash_attention(
-            q_, k_, v_, causal=True, segment_ids=seg, implementation=self.attention_impl
-        )
-        ctx = sharding.active()
-        if ctx is not None and ctx.mesh.size > 1:  # the Pallas kernel is not partitioned by XLA: run it per shard
-            out = sharding.sharded_attention(attend, q, k, v, segment_ids, ctx)
-        else:
-            out = attend(q, k, v, segment_ids)  # [B, T, N, H]
-        y = jnp.einsum("BTNH,NHD->BTD", out.astype(self.dtype), self.wo[...].astype(self.dtype))
-        if self.use_bias:
-            y = y + self.bo[...].astype(self.dtype)
-        return y
+        return self._project_out(self._attend(q, k, v, segment_ids))
 
 
 class VLDecoderLayer(nnx.Module):
@@ -58,12 +39,12 @@ class VLDecoderLayer(nnx.Module):
         common = dict(dtype=dtype, param_dtype=param_dtype, stack=stack, rngs=rngs)
         self.kind = kind
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype, stack=stack, rngs=rngs)
-        self.attn = MRopeAttention(text, attention_impl=options.attention_impl, **common)
+        self.attn = MRopeAttention(text, options=options, **common)
         self.post_attn_norm = RMSNorm(
             cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype, stack=stack, rngs=rngs
         )
         if kind == "sparse":
-            self.ffn = ModalityIsolatedMoE(cfg, gmm_impl=options.gmm_impl, **common)
+            self.ffn = ModalityIsolatedMoE(cfg, options=options, **common)
         else:
             self.ffn = MLP(text, cfg.intermediate_size, use_bias=cfg.use_bias, **common)
 
@@ -83,7 +64,7 @@ class DecoderGroup(nnx.Module):
     def __init__(self, cfg: VLTextConfig, kind: MlpKind, repeats: int, options: ModelOptions, *, dtype, param_dtype,
                  rngs=None):  # fmt: skip
         self.kind = kind
-        self.remat = options.remat
+        self.options = options
         self.layer = VLDecoderLayer(
             cfg, kind, options, dtype=dtype, param_dtype=param_dtype, stack=(repeats,), rngs=rngs
         )
@@ -96,6 +77,6 @@ class DecoderGroup(nnx.Module):
             carry, stats = nnx.merge(graphdef, layer_state)(carry, angles, segment_ids, is_vision, token_mask)
             return sharding.shard(carry, "batch", "seq", "act_embed"), stats
 
-        if self.remat != "none":
-            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=False)
+        if self.options.remat != "none":
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.options.remat], prevent_cse=False)
         return jax.lax.scan(body, h, state)

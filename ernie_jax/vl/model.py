@@ -21,8 +21,8 @@ from flax import nnx
 
 import sharding
 from ernie_jax.layers import RMSNorm, make_param, normal_init
-from ernie_jax.model import ModelOptions
 from ernie_jax.moe import RouterStats
+from ernie_jax.options import ModelOptions
 from ernie_jax.vl.config import VLConfig
 from ernie_jax.vl.decoder import DecoderGroup
 from ernie_jax.vl.rope import IMAGE, VIDEO, host_ints, mrope_angles, rope_index
@@ -67,7 +67,7 @@ class ErnieVLForConditionalGeneration(nnx.Module):
         init = normal_init(text.initializer_range)
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.embed = make_param(rngs, init, (text.vocab_size, text.hidden_size), ("vocab", "embed"), param_dtype)
-        self.vision = VisionTower(cfg.vision, attention_impl=options.attention_impl, **common)
+        self.vision = VisionTower(cfg.vision, options=options, **common)
         self.resampler = Resampler(cfg, **common)
         self.groups = nnx.List(
             DecoderGroup(text, kind, repeats, options, **common) for kind, repeats in text.layer_groups

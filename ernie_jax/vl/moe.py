@@ -15,77 +15,33 @@ the per-modality aux and z losses of ERNIE's training recipe.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-import sharding
-from ernie_jax.layers import MLP, make_param, normal_init, zeros_init
-from ernie_jax.moe import CorrectionBias, RouterStats, dropless_moe, expert_swiglu, route, router_stats
+from ernie_jax.layers import MLP
+from ernie_jax.moe import RoutedExperts, RouterStats
+from ernie_jax.options import ModelOptions
 from ernie_jax.vl.config import VLTextConfig
-
-
-class ExpertPool(nnx.Module):
-    """One modality's router, correction bias and routed SwiGLU experts: w_gate/w_up [E, D, F], w_down [E, F, D]."""
-
-    def __init__(self, cfg: VLTextConfig, width: int, *, dtype, param_dtype, stack=(), rngs=None, gmm_impl="auto"):
-        d, e = cfg.hidden_size, cfg.moe_num_experts
-        init = normal_init(cfg.initializer_range)
-        self.dtype = dtype
-        self.k = cfg.moe_k
-        self.num_experts = e
-        self.norm_min = cfg.moe_norm_min
-        self.gmm_impl = gmm_impl
-        # Router and bias stay fp32 whatever the parameter dtype, as released and as transformers keeps them.
-        self.router = make_param(rngs, init, (d, e), ("embed", "router_experts"), jnp.float32, stack)
-        bias = make_param(rngs, zeros_init, (e,), ("router_experts",), jnp.float32, stack)
-        self.correction_bias = CorrectionBias(bias[...], **bias.get_metadata())
-        self.w_gate = make_param(rngs, init, (e, d, width), ("experts", "embed", "expert_mlp"), param_dtype, stack)
-        self.w_up = make_param(rngs, init, (e, d, width), ("experts", "embed", "expert_mlp"), param_dtype, stack)
-        self.w_down = make_param(rngs, init, (e, width, d), ("experts", "expert_mlp", "embed"), param_dtype, stack)
-
-    def __call__(self, x: jax.Array, member: jax.Array, stats_mask: jax.Array) -> tuple[jax.Array, RouterStats]:
-        """x [N, D]; member [N] bool: tokens this pool serves; stats_mask [N] bool: tokens counted in the stats.
-
-        Returns [N, D] (zero rows for non-members) and this pool's router statistics over stats_mask.
-        """
-        routing = route(x, self.router[...], self.correction_bias[...], k=self.k, norm_min=self.norm_min)
-        stats = router_stats(routing, k=self.k, token_mask=stats_mask)
-        experts = jnp.where(member[:, None], routing.experts, self.num_experts)  # [N, k]; E = sentinel, no expert
-        weights = jnp.where(member[:, None], routing.weights, 0.0)
-        w_gate, w_up, w_down = (w[...].astype(self.dtype) for w in (self.w_gate, self.w_up, self.w_down))
-        ctx = sharding.active()
-        if ctx is not None and ctx.mesh.size > 1:
-            y, dropped = sharding.expert_parallel_moe(
-                x,
-                experts,
-                weights,
-                w_gate,
-                w_up,
-                w_down,
-                mesh=ctx.mesh,
-                rules=ctx.rules,
-                transport=ctx.moe_transport,
-                buffer_factor=ctx.moe_buffer_factor,
-                return_dropped=True,
-                expert_fn=functools.partial(expert_swiglu, gmm_impl=self.gmm_impl),
-            )
-            stats = stats._replace(dropped=dropped)
-        else:
-            y = dropless_moe(x, routing._replace(experts=experts, weights=weights), w_gate, w_up, w_down,
-                             gmm_impl=self.gmm_impl)  # fmt: skip
-        return y, stats
 
 
 class ModalityIsolatedMoE(nnx.Module):
     """Text pool for text tokens, vision pool for image/video tokens, shared experts (width F_text * n) for all."""
 
-    def __init__(self, cfg: VLTextConfig, *, dtype, param_dtype, stack=(), rngs=None, gmm_impl="auto"):
+    def __init__(self, cfg: VLTextConfig, *, dtype, param_dtype, stack=(), rngs=None, options=ModelOptions()):
         common = dict(dtype=dtype, param_dtype=param_dtype, stack=stack, rngs=rngs)
-        self.text = ExpertPool(cfg, cfg.moe_intermediate_size[0], gmm_impl=gmm_impl, **common)
-        self.vision = ExpertPool(cfg, cfg.moe_intermediate_size[1], gmm_impl=gmm_impl, **common)
+        pool = dict(
+            hidden_size=cfg.hidden_size,
+            num_experts=cfg.moe_num_experts,
+            k=cfg.moe_k,
+            norm_min=cfg.moe_norm_min,
+            initializer_range=cfg.initializer_range,
+            options=options,
+            **common,
+        )
+        # One modality's router, correction bias and routed experts each (vision experts are narrower).
+        self.text = RoutedExperts(width=cfg.moe_intermediate_size[0], **pool)
+        self.vision = RoutedExperts(width=cfg.moe_intermediate_size[1], **pool)
         self.shared = (
             MLP(cfg.as_ernie_config(), cfg.shared_expert_size, use_bias=cfg.use_bias, **common)
             if cfg.moe_num_shared_experts
@@ -103,8 +59,8 @@ class ModalityIsolatedMoE(nnx.Module):
         flat = x.reshape(b * t, d)  # [N, D]
         vision = is_vision.reshape(-1)
         real = jnp.ones_like(vision) if token_mask is None else token_mask.reshape(-1).astype(bool)
-        y_text, text_stats = self.text(flat, ~vision, real & ~vision)
-        y_vision, vision_stats = self.vision(flat, vision, real & vision)
+        y_text, text_stats = self.text.route_and_run(flat, member=~vision, stats_mask=real & ~vision)
+        y_vision, vision_stats = self.vision.route_and_run(flat, member=vision, stats_mask=real & vision)
         y = y_text + y_vision
         if self.shared is not None:
             y = y + self.shared(flat)

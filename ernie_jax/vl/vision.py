@@ -15,9 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-import pallas_kernels
-import sharding
-from ernie_jax.layers import RMSNorm, make_param, normal_init, ones_init, zeros_init
+from ernie_jax.layers import RMSNorm, attention_kernel, make_param, normal_init, ones_init, zeros_init
+from ernie_jax.options import ModelOptions
 from ernie_jax.vl.config import VisionConfig, VLConfig
 from ernie_jax.vl.rope import host_ints, rotate_halves, vision_angles, vision_patch_positions
 
@@ -60,18 +59,20 @@ class Linear(nnx.Module):
 class VisionBlock(nnx.Module):
     """Pre-norm ViT block: x += Attn(LN(x)) within each frame, with 2D RoPE; x += MLP(LN(x))."""
 
-    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, stack=(), rngs=None, attention_impl="auto"):
+    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, stack=(), rngs=None, options=ModelOptions()):
         d, n, h, f = cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.intermediate_size
         init = normal_init(cfg.initializer_range)
         common = dict(param_dtype=param_dtype, stack=stack, rngs=rngs)
         self.dtype = dtype
         self.act = cfg.hidden_act
-        self.attention_impl = attention_impl
+        self.options = options
         self.norm1 = LayerNorm(d, cfg.rms_norm_eps, **common)
         self.norm2 = LayerNorm(d, cfg.rms_norm_eps, **common)
         # q, k and v of one head sit next to each other on the "qkv" axis (transformers' fused qkv projection).
         self.wqkv = make_param(rngs, init, (d, 3, n, h), ("embed", None, "q_heads", "head_dim"), param_dtype, stack)
-        self.bqkv = make_param(rngs, zeros_init, (3, n, h), (None, "q_heads", "head_dim"), param_dtype, stack)
+        self.bqkv = make_param(
+            rngs, zeros_init, (3, n, h), (None, "q_heads", "head_dim"), param_dtype, stack, weight_decay=False
+        )
         self.wo = make_param(rngs, init, (n, h, d), ("q_heads", "head_dim", "embed"), param_dtype, stack)
         self.bo = make_param(rngs, zeros_init, (d,), ("embed",), param_dtype, stack)
         self.fc1 = Linear(d, f, ("embed", "mlp"), init_std=cfg.initializer_range, dtype=dtype, **common)
@@ -85,14 +86,8 @@ class VisionBlock(nnx.Module):
         q = rotate_halves(qkv[:, 0], angles)  # [P, N, H]
         k = rotate_halves(qkv[:, 1], angles)
         v = qkv[:, 2]
-        attend = lambda q_, k_, v_, seg: pallas_kernels.flash_attention(
-            q_, k_, v_, causal=False, segment_ids=seg, implementation=self.attention_impl
-        )
-        args = (q[None], k[None], v[None], frame_ids[None])  # one packed "batch" row of all patches
-        ctx = sharding.active()
-        # The Pallas kernel is not partitioned by XLA: under a mesh it runs per (head) shard.
-        sharded = ctx is not None and ctx.mesh.size > 1
-        out = sharding.sharded_attention(attend, *args, ctx) if sharded else attend(*args)  # [1, P, N, H]
+        # All patches as one packed "batch" row; frame ids keep attention within each frame.
+        out = attention_kernel(q[None], k[None], v[None], frame_ids[None], self.options, causal=False)  # [1, P, N, H]
         y = jnp.einsum("PNH,NHD->PD", out[0].astype(self.dtype), self.wo[...].astype(self.dtype))
         x = x + (y + self.bo[...].astype(self.dtype)).astype(x.dtype)
         hidden = ACTIVATIONS[self.act](self.fc1(self.norm2(x)))  # [P, F]
@@ -102,13 +97,13 @@ class VisionBlock(nnx.Module):
 class VisionTower(nnx.Module):
     """Patch embedding (a linear map of flattened patches), `depth` blocks run with lax.scan, final LayerNorm."""
 
-    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs=None, attention_impl="auto"):
+    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs=None, options=ModelOptions()):
         self.config = cfg
         self.dtype = dtype
         init = normal_init(cfg.initializer_range)
         self.patch_embed = make_param(rngs, init, (cfg.patch_dim, cfg.hidden_size), (None, "embed"), param_dtype)
         self.blocks = VisionBlock(
-            cfg, dtype=dtype, param_dtype=param_dtype, stack=(cfg.depth,), rngs=rngs, attention_impl=attention_impl
+            cfg, dtype=dtype, param_dtype=param_dtype, stack=(cfg.depth,), rngs=rngs, options=options
         )
         self.final_norm = LayerNorm(cfg.hidden_size, cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
 

@@ -104,7 +104,7 @@ def gmm(
       kernel: "tpu" (Mosaic) or "gpu" (Triton).
       interpret: run the kernel in the Pallas interpreter (CPU tests).
       cost_rows: rows expected to belong to the local groups, for the kernels' cost estimates (XLA's scheduler and
-        `ernie_jax.hlo_stats`). An expert-parallel buffer is sized for the worst case, but the kernels skip rows
+        `ernie_jax.tools.hlo_stats`). An expert-parallel buffer is sized for the worst case, but the kernels skip rows
         outside the local groups, so M would overstate the work. Default M.
     Returns:
       [M, N] in preferred_element_type (default lhs.dtype).

@@ -24,12 +24,13 @@ class Mutation:
 REF = "tests/test_references.py::"
 RUNS = "tests/test_references_runs.py::"
 RAGGED = "tests/test_ragged_transport.py::"
+QUANT = "tests/test_quant.py::"
 
 MUTATIONS: tuple[Mutation, ...] = (
     # ------------------------------------------------------------------------------------ from issue 11
     Mutation(
         "ce_ignores_loss_mask",
-        "ernie_jax/train_step.py",
+        "ernie_jax/training/losses.py",
         "return jnp.sum((log_z - target_logit) * mask)",
         "return jnp.sum(log_z - target_logit)",
         (REF + "test_masked_cross_entropy_matches_numpy",),
@@ -37,7 +38,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "step_drops_segment_ids_and_positions",
-        "ernie_jax/train_step.py",
+        "ernie_jax/training/step.py",
         """            positions=batch["positions"],
             segment_ids=batch["segment_ids"],
 """,
@@ -47,7 +48,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "grad_accum_keeps_last_micro_batch",
-        "ernie_jax/train_step.py",
+        "ernie_jax/training/step.py",
         "return jax.tree.map(jnp.add, carry, (grads, metrics)), None",
         "return (grads, metrics), None",
         (REF + "test_grad_accumulation_equals_one_big_batch",),
@@ -55,7 +56,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "nonfinite_step_applied",
-        "ernie_jax/train_step.py",
+        "ernie_jax/training/step.py",
         "keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)",
         "keep = lambda new, old: new",
         (REF + "test_nonfinite_step_leaves_params_optimizer_state_and_biases_unchanged",),
@@ -63,7 +64,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "init_from_hf_ignored",
-        "ernie_jax/train.py",
+        "ernie_jax/training/state.py",
         """    if cfg.init_from_hf:
         model = from_pretrained(""",
         """    if False:
@@ -73,7 +74,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "aux_loss_without_E_factor",
-        "ernie_jax/moe.py",
+        "ernie_jax/moe/routing.py",
         "aux = e * jnp.sum(",
         "aux = jnp.sum(",
         (REF + "test_router_losses_match_numpy",),
@@ -81,7 +82,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "z_loss_not_squared",
-        "ernie_jax/moe.py",
+        "ernie_jax/moe/routing.py",
         "jax.nn.logsumexp(routing.logits, axis=-1) ** 2 * mask",
         "jax.nn.logsumexp(routing.logits, axis=-1) * mask",
         (REF + "test_router_losses_match_numpy",),
@@ -89,7 +90,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "ragged_a2a_wrong_local_expert",
-        "sharding/expert_parallel.py",
+        "ernie_jax/moe/expert_parallel.py",
         "local_ids = jnp.where(seg < ep * e_loc, seg % e_loc, e_loc)",
         "local_ids = jnp.where(seg < ep * e_loc, seg // ep % e_loc, e_loc)",
         (RAGGED + "test_ragged_transport_matches_dense_oracle",),
@@ -97,7 +98,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "ragged_a2a_cut_block_sent_from_wrong_offset",
-        "sharding/expert_parallel.py",
+        "ernie_jax/moe/expert_parallel.py",
         "input_offsets = jnp.cumsum(wanted[me]) - wanted[me]",
         "input_offsets = jnp.cumsum(traffic[me]) - traffic[me]",
         (RAGGED + "test_bounded_buffer_drops_exactly_the_overflow",),
@@ -107,7 +108,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     # receiver is full, every later source sends nothing, so the segments it would change lie past the buffer).
     Mutation(
         "ragged_a2a_drops_not_counted",
-        "sharding/expert_parallel.py",
+        "ernie_jax/moe/expert_parallel.py",
         "dropped = (wanted[me].sum() - traffic[me].sum()).astype(jnp.float32)",
         "dropped = jnp.zeros((), jnp.float32)",
         (RAGGED + "test_bounded_buffer_drops_exactly_the_overflow",),
@@ -142,7 +143,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "router_weights_from_biased_scores",
-        "ernie_jax/moe.py",
+        "ernie_jax/moe/routing.py",
         "chosen = jnp.take_along_axis(probs, experts, axis=-1)",
         "chosen = jnp.take_along_axis(probs + correction_bias.astype(jnp.float32), experts, axis=-1)",
         (REF + "test_routing_matches_numpy", REF + "test_moe_block_matches_numpy"),
@@ -150,7 +151,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "router_selection_ignores_bias",
-        "ernie_jax/moe.py",
+        "ernie_jax/moe/routing.py",
         "jax.lax.top_k(probs + correction_bias.astype(jnp.float32), k)",
         "jax.lax.top_k(probs, k)",
         (REF + "test_routing_matches_numpy", REF + "test_moe_block_matches_numpy"),
@@ -158,7 +159,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "renormalise_without_norm_min",
-        "ernie_jax/moe.py",
+        "ernie_jax/moe/routing.py",
         "weights = chosen / jnp.maximum(chosen.sum(axis=-1, keepdims=True), norm_min)",
         "weights = chosen / chosen.sum(axis=-1, keepdims=True)",
         (REF + "test_routing_matches_numpy",),
@@ -166,7 +167,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "shared_experts_weighted",
-        "ernie_jax/moe.py",
+        "ernie_jax/moe/block.py",
         "y = y + self.shared(flat)",
         "y = y + self.shared(flat) * routing.weights[:, :1].astype(flat.dtype)",
         (REF + "test_moe_block_matches_numpy",),
@@ -174,7 +175,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "aux_counts_from_biased_selection",
-        "ernie_jax/moe.py",
+        "ernie_jax/moe/routing.py",
         "_, unbiased = jax.lax.top_k(routing.probs, k)",
         "unbiased = routing.experts",
         (REF + "test_router_losses_match_numpy",),
@@ -182,7 +183,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "router_stats_ignore_padding",
-        "ernie_jax/moe.py",
+        "ernie_jax/moe/routing.py",
         "mask = jnp.ones((n,), jnp.float32) if token_mask is None else token_mask.astype(jnp.float32)",
         "mask = jnp.ones((n,), jnp.float32)",
         (REF + "test_router_losses_match_numpy",),
@@ -190,7 +191,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "ortho_loss_rows_not_normalised",
-        "ernie_jax/train_step.py",
+        "ernie_jax/training/losses.py",
         "w = w / jnp.maximum(jnp.linalg.norm(w, axis=-1, keepdims=True), 1e-12)",
         "w = w",
         (REF + "test_router_losses_match_numpy",),
@@ -213,24 +214,24 @@ MUTATIONS: tuple[Mutation, ...] = (
         "query head n reads kv head n % K instead of n // (N / K)",
     ),
     Mutation(
-        "weight_decay_on_norms",
-        "ernie_jax/optim.py",
-        'axes[-1] == "norm"',
-        'axes[-1] == "norms"',
+        "weight_decay_on_vectors",
+        "ernie_jax/layers.py",
+        "decay = len(shape) >= 2 if weight_decay is None else weight_decay",
+        "decay = True if weight_decay is None else weight_decay",
         (REF + "test_adamw_with_schedule_clipping_and_decay_mask_matches_numpy",),
-        "RMSNorm scales decay towards zero",
+        "RMSNorm scales and vector biases decay towards zero",
     ),
     Mutation(
-        "weight_decay_on_biases",
-        "ernie_jax/optim.py",
-        'name in _BIAS_NAMES or name.endswith("_bias")',
-        "name in _BIAS_NAMES",
+        "weight_decay_on_head_biases",
+        "ernie_jax/layers.py",
+        "no_decay = dict(weight_decay=False)",
+        "no_decay = dict(weight_decay=True)",
         (REF + "test_adamw_with_schedule_clipping_and_decay_mask_matches_numpy",),
-        "MLP biases (gate_bias, up_bias, down_bias) decay",
+        "attention biases, stored per head as [N, H] matrices, decay like weights",
     ),
     Mutation(
         "lr_warmup_off_by_one",
-        "ernie_jax/optim.py",
+        "ernie_jax/training/optim.py",
         "warmup = min(cfg.warmup_steps, max(total_steps - 1, 0))",
         "warmup = min(cfg.warmup_steps + 1, max(total_steps - 1, 0))",
         (REF + "test_lr_schedule_matches_formula",),
@@ -238,7 +239,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "clip_elementwise_not_global_norm",
-        "ernie_jax/optim.py",
+        "ernie_jax/training/optim.py",
         "chain.append(optax.clip_by_global_norm(cfg.clip_norm))",
         "chain.append(optax.clip(cfg.clip_norm))",
         (REF + "test_adamw_with_schedule_clipping_and_decay_mask_matches_numpy",),
@@ -246,7 +247,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "bias_update_sign_flipped",
-        "ernie_jax/train_step.py",
+        "ernie_jax/moe/block.py",
         "jnp.sign(jnp.mean(load, axis=-1, keepdims=True) - load)",
         "jnp.sign(load - jnp.mean(load, axis=-1, keepdims=True))",
         ("tests/test_train.py::test_aux_free_bias_moves_toward_balance",),
@@ -255,14 +256,14 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "packing_positions_not_restarting",
         "ernie_jax/data/pipeline.py",
-        '"positions": batch["input_ids_positions"].astype(np.int32),',
-        '"positions": np.broadcast_to(np.arange(segment_ids.shape[-1], dtype=np.int32), segment_ids.shape).copy(),',
+        'positions=batch["input_ids_positions"],',
+        "positions=np.broadcast_to(np.arange(segment_ids.shape[-1]), segment_ids.shape),",
         ("tests/test_data.py::test_packing_reconstructs_documents_exactly",),
         "a packed document's positions continue from the previous document's",
     ),
     Mutation(
         "restore_drops_optimizer_state",
-        "ernie_jax/checkpointing.py",
+        "ernie_jax/training/checkpointing.py",
         'opt_state=restored["opt_state"],',
         "opt_state=opt_state,",
         (RUNS + "test_checkpoint_restore_returns_the_saved_optimizer_state",),
@@ -270,7 +271,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "resume_restarts_data_stream",
-        "ernie_jax/train.py",
+        "ernie_jax/training/loop.py",
         "        data = restore_iterator(",
         "        _ignored = restore_iterator(",
         (RUNS + "test_resume_onto_another_mesh_continues_the_uninterrupted_run",),
@@ -278,7 +279,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "export_resets_router_biases",
-        "ernie_jax/train.py",
+        "ernie_jax/training/loop.py",
         "    model = nnx.merge(graphdef, params, biases)\n",
         "    model = nnx.merge(graphdef, params, jax.tree.map(jnp.zeros_like, biases))\n",
         (RUNS + "test_export_equals_the_trained_checkpoint",),
@@ -286,7 +287,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     Mutation(
         "export_ignores_export_dtype",
-        "ernie_jax/train.py",
+        "ernie_jax/training/loop.py",
         "save_pretrained(merged, cfg.export_hf, dtype=dtype,",
         "save_pretrained(merged, cfg.export_hf, dtype=jnp.bfloat16,",
         (RUNS + "test_export_equals_the_trained_checkpoint",),
@@ -307,5 +308,87 @@ MUTATIONS: tuple[Mutation, ...] = (
         "out = out.map(_TakeRows(0, batch))",
         (RUNS + "test_processes_read_disjoint_parts_of_one_stream",),
         'with process_sharding="rows", every process trains on the global batch\'s first rows',
+    ),
+    # ------------------------------------------------------------------------------------ from issue 12
+    Mutation(
+        "orthogonal_loss_over_every_parameter",
+        "ernie_jax/training/losses.py",
+        "nnx.filter_state(params, RouterWeight)",
+        "nnx.filter_state(params, nnx.Param)",
+        ("tests/test_param_roles.py::test_orthogonal_loss_selects_routers_by_type_not_name",),
+        "the router role selected too widely: every matrix pushed towards orthogonal rows",
+    ),
+    Mutation(
+        "hf_save_drops_unnamed_parameters",
+        "ernie_jax/hf/transfer.py",
+        '    check_names_cover(flat, maps, "save_pretrained")\n',
+        "",
+        ("tests/test_param_roles.py::test_hf_name_map_refuses_a_parameter_it_cannot_name",),
+        "an added module's weights silently left out of an export",
+    ),
+    Mutation(
+        "run_options_lost_by_with_options",
+        "ernie_jax/model.py",
+        "            node.options = options\n",
+        "            pass\n",
+        ("tests/test_param_roles.py::test_with_options_reaches_every_module",),
+        "generation on a mesh asks for another MoE transport and silently runs the trained one",
+    ),
+    # ------------------------------------------------------------------------------------ issues 13 and 14: quant
+    Mutation(
+        "int8_scale_per_input_channel",
+        "ernie_jax/quant.py",
+        "quantize_int8(value, tuple(range(first_in, value.ndim - out_ndim)))",
+        "quantize_int8(value, tuple(range(value.ndim - out_ndim, value.ndim)))",
+        (QUANT + "test_int8_round_trip_per_output_channel",),
+        "int8 scales reduced over the wrong axes: one scale per input row instead of per output channel",
+    ),
+    Mutation(
+        "int8_dequant_forgets_the_scale",
+        "ernie_jax/quant.py",
+        "return (codes.astype(jnp.float32) * scales).astype(dtype)",
+        "return codes.astype(dtype)",
+        (QUANT + "test_int8_round_trip_per_output_channel", QUANT + "test_quantized_forward_against_fp32"),
+        "int8 codes used as weights, unscaled",
+    ),
+    Mutation(
+        "nf4_levels_off_by_one",
+        "ernie_jax/quant.py",
+        "values = jnp.asarray(NF4_LEVELS)[index.astype(jnp.int32)].reshape(shape)",
+        "values = jnp.asarray(NF4_LEVELS)[jnp.minimum(index.astype(jnp.int32) + 1, 15)].reshape(shape)",
+        (QUANT + "test_nf4_round_trip_per_block",),
+        "NF4 indices read one level up the table",
+    ),
+    Mutation(
+        "nf4_nibbles_swapped",
+        "ernie_jax/quant.py",
+        "index = jnp.stack([codes & 0x0F, codes >> 4], axis=axis + 1)",
+        "index = jnp.stack([codes >> 4, codes & 0x0F], axis=axis + 1)",
+        (QUANT + "test_nf4_round_trip_per_block",),
+        "packed NF4 pairs unpacked in the wrong order: neighbouring weights swapped",
+    ),
+    Mutation(
+        "quantized_storage_is_a_param",
+        "ernie_jax/quant.py",
+        "class QuantizedVariable(nnx.Variable):",
+        "class QuantizedVariable(nnx.Param):",
+        (QUANT + "test_quantized_forward_against_fp32",),
+        "int8 codes typed as trainable parameters: a full fine-tune would hand integer weights to AdamW",
+    ),
+    Mutation(
+        "qlora_base_not_quantized",
+        "ernie_jax/lora.py",
+        "    if cfg.base_dtype in quant.QUANT_KINDS:\n",
+        "    if False:\n",
+        (QUANT + "test_qlora_config_and_the_optimizer_never_sees_quantized_weights",),
+        "lora.base_dtype=int8 accepted and ignored: the base stays fp32",
+    ),
+    Mutation(
+        "qlora_export_keeps_unadapted_weights_quantized",
+        "ernie_jax/lora.py",
+        "    return quant.dequantize(merged)\n",
+        "    return merged\n",
+        (QUANT + "test_qlora_exports_merged_dequantised_and_peft",),
+        "export of a QLoRA run with some targets: weights without adapters left as int8 codes the writer cannot name",
     ),
 )

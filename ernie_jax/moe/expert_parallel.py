@@ -10,12 +10,12 @@ tokens to their experts; both are dropless by default:
 - "ragged_a2a": send each assignment only to the device owning its expert with `ragged_all_to_all`, and return
   the results the same way. Communication proportional to real traffic. XLA:CPU does not implement it (TPU v4+
   and GPU only). Its receive buffer must be static: by default it is the worst case (EP balanced shares, every
-  op over it EP times the real rows); `buffer_factor` bounds it, and assignments that overflow are dropped and
+  op over it EP times the real rows); `moe_buffer_factor` bounds it, and assignments that overflow are dropped and
   counted.
 
-`expert_fn(xs, group_sizes, w_gate, w_up, w_down, *, expected_rows)` computes SwiGLU for rows sorted by local
-expert; rows past sum(group_sizes) are ignored. `expected_rows` is the balanced-routing share of the (worst-case
-sized) buffer, for the kernels' cost estimates only.
+Each device then runs the same expert compute as the single-device path (`dispatch.sort_by_expert` and
+`dispatch.expert_swiglu`) on the rows it received, with its local experts. The transport and the buffer bound
+come from the model's run options (`ModelOptions.moe_transport`, `moe_buffer_factor`).
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
-from sharding.permute import inverse_permutation, permute_rows, repeat_rows
+from ernie_jax.moe.dispatch import expert_swiglu, sort_by_expert
+from ernie_jax.moe.permute import inverse_permutation, permute_rows, repeat_rows
+from ernie_jax.options import ModelOptions
 from sharding.rules import DEFAULT_RULES, ShardingError, axes_tuple, logical_to_spec
-
-ExpertFn = Callable[..., jax.Array]  # (xs, group_sizes, w_gate, w_up, w_down, *, expected_rows) -> ys
 
 WEIGHT_AXES = {
     "w_gate": ("experts", "embed", "expert_mlp"),
@@ -39,37 +39,36 @@ WEIGHT_AXES = {
 }
 
 
-def _axes(entry) -> tuple[str, ...]:
-    return axes_tuple(entry)
-
-
-def _local_expert_sort(local_ids: jax.Array, num_local: int) -> tuple[jax.Array, jax.Array]:
-    """Order rows by local expert id (id == num_local marks rows for other devices, sorted last); group sizes."""
-    order = jnp.argsort(local_ids, stable=True)
-    group_sizes = jnp.bincount(local_ids, length=num_local + 1)[:num_local].astype(jnp.int32)
-    return order, group_sizes
+def _gather_fsdp(w_gate, w_up, w_down, d_axes):
+    """FSDP: gather the hidden dim D of this layer's expert weights just in time (w_gate/w_up [E_loc, D/fsdp, F],
+    w_down [E_loc, F, D/fsdp] -> full D)."""
+    if not d_axes:
+        return w_gate, w_up, w_down
+    return (
+        jax.lax.all_gather(w_gate, d_axes, axis=1, tiled=True),
+        jax.lax.all_gather(w_up, d_axes, axis=1, tiled=True),
+        jax.lax.all_gather(w_down, d_axes, axis=2, tiled=True),
+    )
 
 
 def _run_experts(
-    rows: jax.Array, local_ids: jax.Array, num_local: int, weights, expert_fn: ExpertFn, expected_rows: int
+    rows: jax.Array, local_ids: jax.Array, weights, options: ModelOptions, expected_rows: int
 ) -> jax.Array:
-    """Expert SwiGLU for rows tagged with local expert ids; rows of other devices' experts give zeros.
+    """Expert SwiGLU for rows tagged with local expert ids (id E_loc: another device's expert, giving zeros).
     expected_rows: how many rows the local experts get under balanced routing (for the kernels' cost estimates)."""
-    order, group_sizes = _local_expert_sort(local_ids, num_local)
+    order, group_sizes = sort_by_expert(local_ids, weights[0].shape[0])
     inverse = inverse_permutation(order)  # [M]
     # Sort and un-sort are both permute_rows: gathers forward and backward, no [M, D] scatters.
-    ys = expert_fn(permute_rows(rows, order, inverse), group_sizes, *weights, expected_rows=expected_rows)  # [M, D]
+    xs = permute_rows(rows, order, inverse)
+    ys = expert_swiglu(xs, group_sizes, *weights, options=options, expected_rows=expected_rows)  # [M, D]
     valid = jnp.arange(rows.shape[0]) < group_sizes.sum()
-    ys = jnp.where(valid[:, None], ys, 0)  # rows past the local groups are not computed by expert_fn
+    ys = jnp.where(valid[:, None], ys, 0)  # rows past the local groups are not computed by the grouped matmul
     return permute_rows(ys, inverse, order)  # [M, D]
 
 
-def _allgather_body(x, experts, weights, w_gate, w_up, w_down, *, expert_fn, ep_axes, gather_tokens, d_axes, f_axes):
+def _allgather_body(x, experts, weights, w_gate, w_up, w_down, *, options, ep_axes, gather_tokens, d_axes, f_axes):
     # x [n, D]; experts, weights [n, k]; w_gate/w_up [E_loc, D/fsdp, F/tp]; w_down [E_loc, F/tp, D/fsdp]
-    if d_axes:  # FSDP: gather the hidden dim of this layer's expert weights just in time
-        w_gate = jax.lax.all_gather(w_gate, d_axes, axis=1, tiled=True)
-        w_up = jax.lax.all_gather(w_up, d_axes, axis=1, tiled=True)
-        w_down = jax.lax.all_gather(w_down, d_axes, axis=2, tiled=True)
+    w_gate, w_up, w_down = _gather_fsdp(w_gate, w_up, w_down, d_axes)
     if gather_tokens:
         x = jax.lax.all_gather(x, ep_axes, axis=0, tiled=True)  # [n * EP, D]
         experts = jax.lax.all_gather(experts, ep_axes, axis=0, tiled=True)
@@ -82,7 +81,7 @@ def _allgather_body(x, experts, weights, w_gate, w_up, w_down, *, expert_fn, ep_
     local_ids = jnp.where(is_local, local, e_loc).reshape(-1)  # [n * k]
     rows = repeat_rows(x, k)  # [n * k, D] each assignment's token
     ep = jax.lax.axis_size(ep_axes) if ep_axes else 1
-    ys = _run_experts(rows, local_ids, e_loc, (w_gate, w_up, w_down), expert_fn, n * k // ep).reshape(n, k, -1)
+    ys = _run_experts(rows, local_ids, (w_gate, w_up, w_down), options, n * k // ep).reshape(n, k, -1)
     y = jnp.einsum("NKD,NK->ND", ys.astype(jnp.float32), jnp.where(is_local, weights, 0.0))
     if f_axes:  # tensor-parallel down projection: partial sums over the F shards
         y = jax.lax.psum(y, f_axes)
@@ -136,31 +135,25 @@ def _ragged_body(
     w_up,
     w_down,
     *,
-    expert_fn,
+    options,
     ep_axes,
     d_axes,
     f_axes,
-    buffer_factor,
     ragged_all_to_all=jax.lax.ragged_all_to_all,
 ):
-    if d_axes:
-        w_gate = jax.lax.all_gather(w_gate, d_axes, axis=1, tiled=True)
-        w_up = jax.lax.all_gather(w_up, d_axes, axis=1, tiled=True)
-        w_down = jax.lax.all_gather(w_down, d_axes, axis=2, tiled=True)
+    w_gate, w_up, w_down = _gather_fsdp(w_gate, w_up, w_down, d_axes)
     n, k = experts.shape
     d = x.shape[-1]
     e_loc = w_gate.shape[0]
     ep = jax.lax.axis_size(ep_axes)
     me = jax.lax.axis_index(ep_axes)
-    flat = experts.reshape(-1)
-    order = jnp.argsort(flat, stable=True)  # by global expert, hence grouped by destination device
-    inverse = inverse_permutation(order)  # [n * k]
+    order, counts = sort_by_expert(experts, ep * e_loc)  # by global expert, hence grouped by destination device
+    inverse = inverse_permutation(order)  # [n * k]; counts [E] assignments per expert from this device
     # x[order // k] as a permutation of the repeated rows, so its gradient is a gather, not a scatter-add.
     send_rows = permute_rows(repeat_rows(x, k), order, inverse)  # [n * k, D]
-    counts = jnp.bincount(flat, length=ep * e_loc).astype(jnp.int32)  # [E] assignments per expert, this device
     all_counts = jax.lax.all_gather(counts, ep_axes, axis=0, tiled=False)  # [EP_src, E]
     wanted = all_counts.reshape(ep, ep, e_loc).sum(-1)  # [src, dst] rows to send
-    capacity = buffer_rows(n, k, ep, buffer_factor)
+    capacity = buffer_rows(n, k, ep, options.moe_buffer_factor)
     traffic = bounded_traffic(wanted, capacity)  # [src, dst] rows sent: all of them unless a buffer overflows
     dropped = (wanted[me].sum() - traffic[me].sum()).astype(jnp.float32)  # my assignments that found no room
     send_sizes = traffic[me]
@@ -181,7 +174,7 @@ def _ragged_body(
     seg_sizes = _kept_segments(mine, recv_sizes).reshape(-1)  # [src * E_loc]
     seg = jnp.searchsorted(jnp.cumsum(seg_sizes), jnp.arange(capacity), side="right")
     local_ids = jnp.where(seg < ep * e_loc, seg % e_loc, e_loc)
-    ys = _run_experts(received, local_ids, e_loc, (w_gate, w_up, w_down), expert_fn, n * k)  # [capacity, D]
+    ys = _run_experts(received, local_ids, (w_gate, w_up, w_down), options, n * k)  # [capacity, D]
     if f_axes:
         ys = jax.lax.psum(ys, f_axes)
     back_offsets = (jnp.cumsum(wanted, axis=1) - wanted)[:, me]  # where each source's rows started
@@ -207,10 +200,8 @@ def expert_parallel_moe(
     w_down: jax.Array,
     *,
     mesh: Mesh,
-    expert_fn: ExpertFn,
     rules=DEFAULT_RULES,
-    transport: str = "allgather",
-    buffer_factor: float = 0.0,
+    options: ModelOptions = ModelOptions(),
     return_dropped: bool = False,
     check_vma: bool = True,
     ragged_all_to_all: Callable | None = None,
@@ -219,21 +210,20 @@ def expert_parallel_moe(
     (w_gate/w_up [E, D, F], w_down [E, F, D]) with their parameter shardings. Returns [N, D] in x's dtype, and
     with return_dropped the number of assignments dropped (a [] fp32).
 
-    Dropless unless transport="ragged_a2a" with buffer_factor > 0, which bounds each device's receive buffer to
-    that many balanced shares (see `buffer_rows`); assignments that do not fit contribute zero and are counted.
+    options: the transport (`moe_transport`), the receive-buffer bound and the grouped-matmul kernel. Dropless
+    unless moe_transport="ragged_a2a" with moe_buffer_factor > 0, which bounds each device's receive buffer to that
+    many balanced shares (see `buffer_rows`); assignments that do not fit contribute zero and are counted.
 
     ragged_all_to_all: a stand-in for `jax.lax.ragged_all_to_all` with its signature, for tests: an emulation from
     collectives XLA:CPU has lets the ragged transport's bookkeeping execute on CPU."""
     num_experts = w_gate.shape[0]
     token_spec = logical_to_spec(("batch", None), mesh, rules)
-    tok_axes = _axes(token_spec[0])
+    tok_axes = axes_tuple(token_spec[0])
     w_specs = {
         name: logical_to_spec(axes, mesh, rules, shape=w.shape, name=name)
         for (name, axes), w in zip(WEIGHT_AXES.items(), (w_gate, w_up, w_down), strict=True)
     }
-    ep_axes = _axes(w_specs["w_gate"][0])
-    d_axes = _axes(w_specs["w_gate"][1])
-    f_axes = _axes(w_specs["w_gate"][2])
+    ep_axes, d_axes, f_axes = (axes_tuple(entry) for entry in w_specs["w_gate"])
     ep = 1
     for a in ep_axes:
         ep *= mesh.shape[a]
@@ -251,7 +241,7 @@ def expert_parallel_moe(
             "use a global batch divisible by data * fsdp * expert"
         )
     gather_tokens = bool(ep_axes) and all(a in tok_axes for a in ep_axes)
-    if transport == "ragged_a2a":
+    if options.moe_transport == "ragged_a2a":
         if ragged_all_to_all is None and mesh.devices.flat[0].platform == "cpu":
             raise NotImplementedError(
                 "moe transport 'ragged_a2a' needs TPU v4+ or GPU: XLA:CPU does not implement ragged-all-to-all. "
@@ -261,21 +251,16 @@ def expert_parallel_moe(
             raise ShardingError("moe transport 'ragged_a2a' needs tokens sharded over the expert axes as well")
         body = lambda *a: _ragged_body(
             *a,
-            expert_fn=expert_fn,
+            options=options,
             ep_axes=ep_axes,
             d_axes=d_axes,
             f_axes=f_axes,
-            buffer_factor=buffer_factor,
             ragged_all_to_all=ragged_all_to_all or jax.lax.ragged_all_to_all,
         )
-    elif transport == "allgather":
-        if buffer_factor:
-            raise ValueError("moe buffer_factor bounds the ragged_a2a receive buffer; the allgather transport has none")
+    else:  # "allgather" (ModelOptions admits no other transport)
         body = lambda *a: _allgather_body(
-            *a, expert_fn=expert_fn, ep_axes=ep_axes, gather_tokens=gather_tokens, d_axes=d_axes, f_axes=f_axes
+            *a, options=options, ep_axes=ep_axes, gather_tokens=gather_tokens, d_axes=d_axes, f_axes=f_axes
         )
-    else:
-        raise ValueError(f"moe transport must be 'allgather' or 'ragged_a2a', got {transport!r}")
     row_spec = PartitionSpec(token_spec[0], None)
     out, dropped = jax.shard_map(
         body,

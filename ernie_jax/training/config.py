@@ -17,7 +17,7 @@ from typing import Any, Literal
 from ernie_jax.config import ConfigError, ErnieConfig
 from ernie_jax.data import DataConfig
 from ernie_jax.lora import LoRAConfig
-from ernie_jax.model import REMAT_POLICIES
+from ernie_jax.options import KERNEL_IMPLEMENTATIONS, MOE_TRANSPORTS, REMAT_CHOICES, ModelOptions, OptionsError
 
 
 def _require(condition: bool, field: str, message: str) -> None:
@@ -34,28 +34,18 @@ class MeshConfig:
     fsdp: int = 1
     expert: int = 1
     tensor: int = 1
-    moe_transport: Literal["allgather", "ragged_a2a"] = "allgather"  # ragged_a2a: TPU v4+ and GPU only
+    moe_transport: Literal[MOE_TRANSPORTS] = "allgather"  # ragged_a2a: TPU v4+ and GPU only
     # ragged_a2a receive buffer in units of a device's balanced share (N_local * k rows); 0 = the worst case
     # (N_local * k * EP rows, dropless). Assignments past a bounded buffer are dropped and counted (metric
     # moe_dropped); the buffer's memory and every op over it shrink by EP / factor.
     moe_buffer_factor: float = 0.0
 
     def __post_init__(self):
-        _require(
-            self.moe_transport in ("allgather", "ragged_a2a"),
-            "mesh.moe_transport",
-            f"must be 'allgather' or 'ragged_a2a', got {self.moe_transport!r}",
-        )
-        _require(
-            self.moe_buffer_factor == 0 or self.moe_buffer_factor >= 1,
-            "mesh.moe_buffer_factor",
-            f"must be 0 (worst case, dropless) or >= 1 (balanced shares), got {self.moe_buffer_factor}",
-        )
-        _require(
-            self.moe_buffer_factor == 0 or self.moe_transport == "ragged_a2a",
-            "mesh.moe_buffer_factor",
-            "bounds the ragged_a2a receive buffer; set mesh.moe_transport=ragged_a2a or leave it 0",
-        )
+        # The rules for these two live with the run options (ernie_jax.options); only the key names are ours.
+        try:
+            ModelOptions(moe_transport=self.moe_transport, moe_buffer_factor=self.moe_buffer_factor)
+        except OptionsError as e:
+            raise ConfigError(f"mesh.{e.field}: {e.reason}") from None
 
     @property
     def sizes(self) -> dict[str, int]:
@@ -92,7 +82,7 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MoELossConfig:
-    """ERNIE's MoE training terms (facts sheet §4); 0 disables a term."""
+    """ERNIE's MoE training terms (Paddle's training recipe); 0 disables a term."""
 
     aux_loss_coef: float = 1e-2  # load balance: E * sum_e f_e * P_e per MoE layer (Paddle default 1e-2)
     z_loss_coef: float = 1e-4  # router z-loss: mean logsumexp(logits)^2
@@ -102,6 +92,18 @@ class MoELossConfig:
     def __post_init__(self):
         for f in dataclasses.fields(self):
             _require(getattr(self, f.name) >= 0, f"moe_loss.{f.name}", "must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class MTPConfig:
+    """Multi-token prediction in training: `depth` MTP depths of the model learn the tokens 2 .. depth + 1 ahead."""
+
+    depth: int = 0  # 0: no MTP loss; at most the model's num_nextn_predict_layers. Rows carry seq_len + depth tokens.
+    loss_weight: float = 0.1  # loss += loss_weight * mean over depths of each depth's cross-entropy (Paddle: 0.1)
+
+    def __post_init__(self):
+        _require(self.depth >= 0, "mtp.depth", f"must be >= 0 (0 = no MTP), got {self.depth}")
+        _require(self.loss_weight >= 0, "mtp.loss_weight", f"must be >= 0, got {self.loss_weight}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +126,7 @@ class TrainConfig:
     optim: OptimConfig = OptimConfig()
     moe_loss: MoELossConfig = MoELossConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    mtp: MTPConfig = MTPConfig()
     # lora.rank > 0: train low-rank adapters only (base weights and router biases frozen); see ernie_jax/lora.py
     lora: LoRAConfig = LoRAConfig()
     steps: int = 300
@@ -131,12 +134,12 @@ class TrainConfig:
     run_dir: str = "runs/tiny"  # checkpoints, metrics.jsonl and TensorBoard events go here
     # compute dtype (master weights and optimizer state stay fp32)
     dtype: Literal["float32", "bfloat16"] = "float32"
-    remat: Literal[tuple(REMAT_POLICIES)] = "none"  # rematerialisation policy
+    remat: Literal[REMAT_CHOICES] = "none"  # rematerialisation policy
     # LM head + cross-entropy over this many tokens of each sequence at a time, so the [B, T, V] fp32 logits are
     # never live whole (0 = the whole sequence at once). Must divide data.seq_len.
     loss_chunk: int = 0
-    attention_impl: Literal["auto", "xla", "pallas"] = "auto"
-    gmm_impl: Literal["auto", "xla", "pallas"] = "auto"
+    attention_impl: Literal[KERNEL_IMPLEMENTATIONS] = "auto"
+    gmm_impl: Literal[KERNEL_IMPLEMENTATIONS] = "auto"
     log_every: int = 10
     # A step whose loss or gradient is not finite never changes the state. "skip": train on (the count is
     # reported, and a run that skipped every update fails); "stop": stop the run with an error.
@@ -156,7 +159,10 @@ class TrainConfig:
     def __post_init__(self):
         _require(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
         _require(self.dtype in ("float32", "bfloat16"), "dtype", f"must be float32 or bfloat16, got {self.dtype!r}")
-        _require(self.remat in REMAT_POLICIES, "remat", f"must be one of {sorted(REMAT_POLICIES)}")
+        try:
+            self.model_options()
+        except OptionsError as e:
+            raise ConfigError(f"{e.field}: {e.reason}") from None
         _require(self.loss_chunk >= 0, "loss_chunk", f"must be >= 0 (0 = no chunking), got {self.loss_chunk}")
         _require(
             self.loss_chunk == 0 or self.data.seq_len % self.loss_chunk == 0,
@@ -166,10 +172,34 @@ class TrainConfig:
         _require(self.nonfinite in ("skip", "stop"), "nonfinite", f"must be 'skip' or 'stop', got {self.nonfinite!r}")
         _require(self.log_every >= 1, "log_every", "must be >= 1")
         _require(self.export_peft is None or self.lora.enabled, "export_peft", "needs a LoRA run (lora.rank > 0)")
+        # With --init-from-hf the checkpoint's architecture decides; the trainer checks the depth against it then.
+        _require(
+            self.init_from_hf is not None or self.mtp.depth <= self.model.num_nextn_predict_layers,
+            "mtp.depth",
+            f"{self.mtp.depth} but model.num_nextn_predict_layers={self.model.num_nextn_predict_layers}; set "
+            f"model.num_nextn_predict_layers={self.mtp.depth} (a new MTP head) or lower mtp.depth",
+        )
         _require(
             self.data.global_batch_size % self.optim.grad_accum == 0,
             "optim.grad_accum",
             f"{self.optim.grad_accum} must divide data.global_batch_size={self.data.global_batch_size}",
+        )
+
+    @property
+    def run_data(self):
+        """The data config the trainer reads with: rows carry mtp.depth tokens past seq_len for the MTP depths."""
+        return self.data.replace(lookahead=self.mtp.depth)
+
+    def model_options(self, platform: str = "auto") -> ModelOptions:
+        """How this run's model runs: the one place the run config becomes run options. platform: the platform
+        kernels are traced for ("tpu" for the AOT report on a CPU host)."""
+        return ModelOptions(
+            remat=self.remat,
+            attention_impl=self.attention_impl,
+            gmm_impl=self.gmm_impl,
+            platform=platform,
+            moe_transport=self.mesh.moe_transport,
+            moe_buffer_factor=self.mesh.moe_buffer_factor,
         )
 
 

@@ -1,7 +1,8 @@
 """Optimizer: global-norm clipping + AdamW with warmup and cosine/linear decay; no decay on norms and biases.
 
-The router correction bias is not an `nnx.Param` (it is a `CorrectionBias` variable), so the optimizer never sees it:
-the aux-free rule in train_step.py updates it.
+Which parameters decay is each parameter's own `weight_decay` metadata, set where it is created
+(`ernie_jax.layers.make_param`), never its name. The router correction bias is not an `nnx.Param` (it is a
+`CorrectionBias` variable), so the optimizer never sees it: the aux-free rule (`ernie_jax.moe`) updates it.
 """
 
 from __future__ import annotations
@@ -10,9 +11,7 @@ import jax
 import optax
 from flax import nnx
 
-from ernie_jax.train_config import OptimConfig
-
-_BIAS_NAMES = {"bq", "bk", "bv", "bo", "lm_head_bias"}
+from ernie_jax.training.config import OptimConfig
 
 
 def lr_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
@@ -31,10 +30,15 @@ def lr_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
 
 
 def decays(path: tuple, var: nnx.Variable) -> bool:
-    """Weight decay applies to matrices only: not to norm scales or biases."""
-    name = str(path[-1])
-    axes = var.get_metadata().get("logical_axes", ())
-    return not (name in _BIAS_NAMES or name.endswith("_bias") or (axes and axes[-1] == "norm"))
+    """The parameter's `weight_decay` metadata (matrices decay; norm scales and biases do not). A parameter made
+    without it is refused: guessing from its name or shape would silently decay a bias or spare a matrix."""
+    meta = var.get_metadata()
+    if "weight_decay" not in meta:
+        raise ValueError(
+            f"{'.'.join(map(str, path))}: parameter has no weight_decay metadata; create it with "
+            "ernie_jax.layers.make_param (or pass weight_decay=True/False to the nnx.Param)"
+        )
+    return bool(meta["weight_decay"])
 
 
 def make_optimizer(cfg: OptimConfig, total_steps: int, params: nnx.State) -> optax.GradientTransformation:

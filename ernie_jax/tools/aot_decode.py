@@ -3,11 +3,12 @@
     python -m ernie_jax.aot --decode --config=a3b_tpu --topology=v5p-8 [--batch 64] [--cache 4096] [--mesh expert=4]
 
 The step is what `ernie_jax.generate` runs per token: one token per row through every layer against a KV cache of
-`--cache` slots, the LM head and the next-token choice, with the cache donated. Weights are bf16 (routers fp32),
-sharded by the rules table over the mesh; nothing is allocated. The report gives HBM per chip (weights, cache,
-temporaries) and the HBM-bandwidth bound: a decode step must read every weight and the whole cache once, so
-tokens/s per chip can be at most (rows per chip) / ((weight bytes + cache bytes per chip) / HBM bandwidth). The
-compiled step's own roofline time (`ernie_jax.hlo_stats`) shows how close the program is to that bound.
+`--cache` slots, the LM head and the next-token choice, with the cache donated. Weights are bf16 (routers fp32), or
+int8/nf4 for the decoder's matmuls with `quantize=` (dequantised per layer inside the scan), sharded by the rules
+table over the mesh; nothing is allocated. The report gives HBM per chip (weights, cache, temporaries) and the
+HBM-bandwidth bound: a decode step must read every weight and the whole cache once, so tokens/s per chip can be at
+most (rows per chip) / ((weight bytes + cache bytes per chip) / HBM bandwidth). The compiled step's own roofline time
+(`ernie_jax.tools.hlo_stats`) shows how close the program is to that bound.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-import pallas_kernels
 import sharding
+from ernie_jax import quant
 from ernie_jax.chips import CHIPS
 from ernie_jax.config import ConfigError, ErnieConfig
-from ernie_jax.hlo_stats import Module, roofline_seconds
 from ernie_jax.model import ErnieForCausalLM
+from ernie_jax.options import ModelOptions
+from ernie_jax.tools.hlo_stats import Module, roofline_seconds
 
 CACHE_AXES = ("layers", "batch", "seq", "kv_heads", "head_dim")
 
@@ -41,11 +43,24 @@ def default_decode_mesh(model: ErnieConfig, chips: int) -> dict[str, int]:
     return {"data": chips}
 
 
-def decode_report(model_cfg: ErnieConfig, devices, gen: str, *, batch: int, cache: int, mesh_sizes: dict) -> dict:
-    """Compile one decode step for `devices` (a TPU topology's) and return the report as a dict."""
+def decode_report(
+    model_cfg: ErnieConfig, devices, gen: str, *, batch: int, cache: int, mesh_sizes: dict, quantize: str | None = None
+) -> dict:
+    """Compile one decode step for `devices` (a TPU topology's) and return the report as a dict.
+
+    quantize: "int8" or "nf4": the decoder's matmul weights stored quantized (`ernie_jax.quant`), as
+    `from_pretrained(..., quantize=...)` loads them; None: bf16."""
     chips = len(devices)
     mesh = sharding.make_mesh(**mesh_sizes, devices=devices)
-    create = lambda: ErnieForCausalLM(model_cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    # Kernels traced for the TPU (compiled Mosaic, not interpreted); the MoE runs expert-parallel with allgather.
+    options = ModelOptions(platform="tpu")
+
+    def create():
+        model = ErnieForCausalLM(
+            model_cfg, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, options=options
+        )
+        return model if quantize is None else quant.quantize(model, quantize)
+
     graphdef, state = nnx.split(nnx.eval_shape(create))
     state_sh = sharding.state_shardings(state, mesh)
     a_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh)
@@ -75,7 +90,7 @@ def decode_report(model_cfg: ErnieConfig, devices, gen: str, *, batch: int, cach
         out_shardings=(rows_sh, cache_sh),
     )
     started = time.perf_counter()
-    with pallas_kernels.target_platform("tpu"), sharding.use_mesh(mesh):
+    with sharding.use_mesh(mesh):
         lowered = step.lower(a_state, a_cache, a_rows, a_rows)
         compiled = lowered.compile()
     compile_s = time.perf_counter() - started
@@ -101,6 +116,7 @@ def decode_report(model_cfg: ErnieConfig, devices, gen: str, *, batch: int, cach
         "mesh": dict(mesh.shape),
         "batch": batch,
         "cache": cache,
+        "weights_dtype": quantize or "bf16",
         "params": model_cfg.num_params(),
         "compile_s": compile_s,
         "bytes_per_chip": {"weights": weights, "kv_cache": kv, "temporaries": mem.temp_size_in_bytes, "peak": peak},
@@ -119,7 +135,7 @@ def format_decode_report(name: str, topology: str, r: dict) -> str:
     return "\n".join(
         [
             f"{name} decode on {topology} ({r['chips']} x {r['device_kind']}), mesh {r['mesh']}, batch {r['batch']}, "
-            f"KV cache {r['cache']} slots, bf16 weights ({r['params'] / 1e9:.1f}B params); "
+            f"KV cache {r['cache']} slots, {r.get('weights_dtype', 'bf16')} weights ({r['params'] / 1e9:.1f}B params); "
             f"compile {r['compile_s']:.1f} s",
             "  bytes per chip:",
             f"    weights          {gb(b['weights'])}",

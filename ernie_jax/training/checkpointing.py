@@ -1,9 +1,10 @@
 """Training checkpoints with Orbax: async saves, keep the last K, exact resume, restore onto any mesh.
 
-Each step directory holds params (fp32 master weights), router correction biases, optimizer state, the data
-iterator's state and a JSON record of the step, the RNG seed and the model architecture. Orbax finalises a step
-only once every item is written, and `latest_step()` sees finalised steps only, so a save cut short by preemption
-is never restored. A checkpoint written for another architecture is refused with the differing fields named.
+Each step directory holds params (fp32 master weights; a QLoRA run's quantized base too), router correction biases,
+optimizer state, the data iterator's state and a JSON record of the step, the RNG seed and the model architecture.
+Orbax finalises a step only once every item is written, and `latest_step()` sees finalised steps only, so a save cut
+short by preemption is never restored. A checkpoint written for another architecture is refused with the differing
+fields named. Params of other dtypes (another lora.base_dtype) are refused too.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class TrainCheckpointer:
         seed: int,
         force: bool = False,
     ) -> bool:
-        meta = {"step": step, "seed": seed, "model": dataclasses.asdict(model)}
+        meta = {"step": step, "seed": seed, "model": dataclasses.asdict(model), "param_dtypes": param_dtypes(params)}
         items = dict(
             params=ocp.args.StandardSave(params),
             opt_state=ocp.args.StandardSave(opt_state),
@@ -85,6 +86,12 @@ class TrainCheckpointer:
             raise CheckpointMismatchError(
                 f"{path} was written for another architecture ({listed}). Use a fresh run_dir, "
                 "or the overrides the checkpoint was trained with."
+            )
+        saved_dtypes, run_dtypes = meta.get("param_dtypes"), param_dtypes(params)
+        if saved_dtypes is not None and saved_dtypes != run_dtypes:  # e.g. lora.base_dtype=int8 vs nf4 (QLoRA)
+            raise CheckpointMismatchError(
+                f"{path} holds parameters of other dtypes (checkpoint {saved_dtypes} vs run {run_dtypes}): "
+                "lora.rank or lora.base_dtype differ from the run that wrote it. Use a fresh run_dir, or its overrides."
             )
         items = dict(
             params=ocp.args.StandardRestore(_abstract(params)),
@@ -154,6 +161,15 @@ class TrainCheckpointer:
 
 class DamagedCheckpointError(CheckpointMismatchError):
     """A finalised step whose files cannot be read back."""
+
+
+def param_dtypes(params) -> dict[str, int]:
+    """How many arrays of each dtype the params hold: tells a QLoRA checkpoint (int8 or uint8 codes) and a bf16 base
+    from an fp32 one, which Orbax would otherwise fail to restore as if the files were damaged."""
+    counts: dict[str, int] = {}
+    for x in jax.tree.leaves(params):
+        counts[str(x.dtype)] = counts.get(str(x.dtype), 0) + 1
+    return dict(sorted(counts.items()))
 
 
 def _has_leaves(tree) -> bool:

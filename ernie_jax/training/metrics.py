@@ -1,4 +1,4 @@
-"""Training metrics: a jsonl log, TensorBoard event files, and the peak FLOP/s that MFU is measured against."""
+"""Training metrics: a jsonl log, TensorBoard event files, and the model FLOPs and peak FLOP/s behind MFU."""
 
 from __future__ import annotations
 
@@ -11,6 +11,18 @@ import jax
 import jax.numpy as jnp
 
 from ernie_jax.chips import chip_for_device_kind
+from ernie_jax.config import ErnieConfig
+
+
+def model_flops_per_token(cfg: ErnieConfig, seq_len: int, mtp_depth: int = 0) -> float:
+    """Training FLOPs per token: 6 * active params (the head counted once) + causal attention scores and values;
+    each trained MTP depth adds its block, projection and another pass through the LM head."""
+    attn_layer = 6 * seq_len * cfg.num_attention_heads * cfg.resolved_head_dim  # causal: half of 12
+    flops = 6.0 * cfg.num_active_params(include_embedding=True) + cfg.num_hidden_layers * attn_layer
+    if mtp_depth:
+        per_depth = cfg.mtp_params() // max(cfg.num_nextn_predict_layers, 1) + cfg.vocab_size * cfg.hidden_size
+        flops += mtp_depth * (6.0 * per_depth + attn_layer)
+    return flops
 
 
 def peak_flops_per_device(dtype=jnp.float32) -> tuple[float, str]:
