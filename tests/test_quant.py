@@ -25,7 +25,7 @@ from ernie_jax.training.config import apply_overrides, load_preset
 from ernie_jax.training.optim import make_optimizer
 from ernie_jax.training.state import build_train_state, split_model
 from ernie_jax.training.step import make_train_step, trainable_params
-from tests.helpers import SMALL_TRAIN_OVERRIDES, TINY_DENSE, TINY_MOE, hf_model, random_ids, save_hf
+from tests.helpers import SMALL_TRAIN_OVERRIDES, TINY_DENSE, TINY_MOE, hf_model, random_ids, save_hf, write_json
 
 # Stated tolerances against the fp32 model on the random test checkpoints (weights N(0, 0.1), 32-wide rows), as
 # (max |Δlogit| / max |logit|, mean |Δlogit| / mean |logit|). Weight-level RMS error on N(0, 1) is 0.7% for int8
@@ -189,7 +189,10 @@ def test_memory_against_bf16():
     assert after["nf4"] / before <= 0.25 + 2 / 16
 
 
-def test_quantize_refuses_what_it_cannot_do(checkpoints):
+def test_quantize_refuses_what_it_cannot_do(checkpoints, tmp_path):
+    write_json(tmp_path / "config.json", {"model_type": "ernie4_5_vl_moe"})  # refused before any tensor is read
+    with pytest.raises(ConfigError, match="text models only, not VL"):
+        ernie_jax.from_pretrained(tmp_path, quantize="int8")
     model = ernie_jax.from_pretrained(checkpoints["dense"], dtype=jnp.float32, progress=False, quantize="int8")
     with pytest.raises(ValueError, match="already quantized"):
         quant.quantize(model, "nf4")

@@ -125,7 +125,7 @@ def from_pretrained(
     with reading_checkpoint(path):
         if _model_type(path) == VL_MODEL_TYPE:  # the multimodal model has its own bridge (imported late: it uses ours)
             if quantize is not None:
-                raise ValueError(f"{path}: quantize={quantize!r} is supported for the text models only, not VL")
+                raise ConfigError(f"{path}: quantize={quantize!r} is supported for the text models only, not VL")
             from ernie_jax import vl
 
             return vl.from_pretrained(

@@ -391,4 +391,12 @@ MUTATIONS: tuple[Mutation, ...] = (
         (QUANT + "test_qlora_exports_merged_dequantised_and_peft",),
         "export of a QLoRA run with some targets: weights without adapters left as int8 codes the writer cannot name",
     ),
+    Mutation(
+        "checkpoint_restores_another_base_dtype",
+        "ernie_jax/training/checkpointing.py",
+        "if saved_dtypes is not None and saved_dtypes != run_dtypes:",
+        "if False:",
+        (QUANT + "test_qlora_checkpoint_restores_exactly_and_refuses_another_base",),
+        "an int8 QLoRA checkpoint restored into an nf4 run: Orbax fails and the step is moved aside as damaged",
+    ),
 )
