@@ -181,9 +181,8 @@ def test_memory_against_bf16():
     # int8: 1 byte + an fp32 scale per 2560 or 1536 inputs; embeddings, head, router and norms stay bf16/fp32.
     assert 0.49 < ratios["int8"] < 0.52
     assert 0.27 < ratios["nf4"] < 0.30  # half a byte + 4 bytes per 64 values
-    model = make(TINY_MOE)()
-    before = _weight_bytes(model)
-    after = {kind: _weight_bytes(quant.quantize(nnx.clone(model), kind)) for kind in ("int8", "nf4")}
+    before = _weight_bytes(nnx.eval_shape(make(TINY_MOE)))
+    after = {k: _weight_bytes(nnx.eval_shape(lambda k=k: quant.quantize(make(TINY_MOE)(), k))) for k in ("int8", "nf4")}
     print(f"[quant] tiny MoE matmul weights: bf16 {before} B, int8 {after['int8']} B, nf4 {after['nf4']} B")
     assert after["int8"] / before <= 0.5 + 2 / 16  # scales: 4 bytes per 16- or 32-wide input
     assert after["nf4"] / before <= 0.25 + 2 / 16
@@ -252,7 +251,8 @@ def test_qlora_config_and_the_optimizer_never_sees_quantized_weights():
 
 
 def test_qlora_only_adapters_get_gradients_and_the_base_stays_quantized():
-    cfg = _qlora_run("lora.base_dtype=nf4")
+    # No MTP depths: the hand-made batch below is the plain next-token schema (rows of seq_len).
+    cfg = _qlora_run("lora.base_dtype=nf4", "mtp.depth=0", "model.num_nextn_predict_layers=0")
     model = ErnieForCausalLM(cfg.model, rngs=nnx.Rngs(0))
     convert_base(add_adapters(model, cfg.lora, seed=1), cfg.lora)
     graphdef, params, biases = split_model(model)
@@ -320,6 +320,22 @@ def test_qlora_exports_merged_dequantised_and_peft(tmp_path):
     assert all(getattr(m, a).get_value().dtype == jnp.float32 for m, a, _, _ in quant.matmul_weights(merged))
     save_peft_adapter(model, tmp_path / "adapter", LoRAConfig(rank=4, targets=targets))
     assert (tmp_path / "adapter" / ADAPTER_WEIGHTS).exists()
+
+
+def test_train_state_bytes_full_lora_qlora():
+    """0p3b's train state (params + optimizer state), abstract, for full fine-tuning, LoRA and QLoRA at rank 16."""
+    mesh = sharding.make_mesh(data=-1)
+    runs = {"full fine-tuning": [], "LoRA": [], "bf16 base": ["lora.base_dtype=bfloat16"]}
+    runs |= {f"QLoRA {k}": [f"lora.base_dtype={k}"] for k in ("int8", "nf4")}
+    total = {}
+    for name, extra in runs.items():
+        lora = [] if name == "full fine-tuning" else ["lora.rank=16"]
+        state = build_train_state(apply_overrides(load_preset("0p3b"), [*lora, *extra]), mesh, abstract=True)
+        params, opt = quant.nbytes(state.params), quant.nbytes(state.opt_state)
+        total[name] = params + opt
+        print(f"[quant] 0p3b {name}: params {params / 1e6:,.0f} MB + optimizer {opt / 1e6:,.0f} MB")
+    assert total["QLoRA nf4"] < total["QLoRA int8"] < total["bf16 base"] < total["LoRA"] < total["full fine-tuning"]
+    assert total["QLoRA int8"] < 0.55 * total["LoRA"]
 
 
 def _losses(run_dir) -> dict[int, float]:
