@@ -366,3 +366,42 @@ def test_qlora_train_resumes_exactly(tmp_path):
     full, cut = _losses(tmp_path / "full"), _losses(tmp_path / "cut")
     assert [full[s] for s in (3, 4)] == [cut[s] for s in (3, 4)], (full, cut)  # bitwise on CPU
     assert full[4] < full[1], "QLoRA training did not lower the loss"
+
+
+@pytest.mark.slow  # a trainer run from a transformers checkpoint, then transformers and PEFT: about 40 s on 2 cores
+def test_qlora_from_hf_checkpoint_exports_merged_and_peft(tmp_path):
+    """--init-from-hf with lora.base_dtype=int8: the loaded base is quantized before training; the merged export
+    (dequantised base + adapters) equals PEFT's adapters on the fp32 base within the int8 tolerance."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from ernie_jax.training import loop
+    from tests.helpers import hf_logits
+
+    no_mtp = ["mtp.depth=0", "model.num_nextn_predict_layers=0"]
+    cfg = _qlora_run(*no_mtp)
+    hf_model(cfg.model, seed=3).save_pretrained(tmp_path / "base")
+    out = loop.train(
+        _qlora_run(
+            *no_mtp,
+            "lora.base_dtype=int8",
+            "steps=3",
+            "checkpoint.async_save=false",
+            f"run_dir={tmp_path / 'run'}",
+            f"init_from_hf={tmp_path / 'base'}",
+            f"export_hf={tmp_path / 'merged'}",
+            f"export_peft={tmp_path / 'adapter'}",
+        ),
+        progress=False,
+    )
+    assert out["end_step"] == 3
+    ids = random_ids(2, 10, cfg.model.vocab_size, seed=5)
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32).eval()
+    base_logits = hf_logits(base, ids)
+    merged = hf_logits(AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval(), ids)
+    peft = hf_logits(PeftModel.from_pretrained(base, tmp_path / "adapter").eval(), ids)
+    rel = _relative_errors(merged, peft)
+    print(f"[quant] QLoRA int8 run: merged export vs PEFT on the fp32 base: max {rel[0]:.2e}, mean {rel[1]:.2e}")
+    assert all(e <= bar for e, bar in zip(rel, INT8_REL_TOL, strict=True))
+    assert float(np.max(np.abs(peft - base_logits))) > 1e-3, "the adapters did not train"
