@@ -156,6 +156,9 @@ def test_greedy_generation_of_an_int8_model_is_its_own_argmax_on_one_device_and_
     )
     codes = placed.groups[-1].layers[0].ffn.w_gate.codes[...]
     assert codes.dtype == jnp.int8 and codes.sharding.shard_shape(codes.shape)[1] == cfg.moe_num_experts // 4
+    stored = nnx.state(placed, QuantizedVariable)
+    for var, want in zip(jax.tree.leaves(stored), jax.tree.leaves(sharding.state_shardings(stored, mesh)), strict=True):
+        assert var.sharding.is_equivalent_to(want, var.ndim), "codes and scales must sit where the rules put them"
     on_mesh = ernie_jax.generate(placed, prompts, max_new_tokens=6, temperature=0.0, eos_token_id=None, mesh=mesh)
     assert on_mesh == new
 
