@@ -17,7 +17,8 @@ def tiny_pair(seed: int = 0):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg: ErnieConfig = load_preset("tiny").model
+    # transformers has no MTP head: the pair is the main model only.
+    cfg: ErnieConfig = load_preset("tiny").model.replace(num_nextn_predict_layers=0)
     hf_cfg = cfg.to_hf_config()
     model_type = hf_cfg.pop("model_type")
     hf_cfg.pop("architectures")

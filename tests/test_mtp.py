@@ -172,17 +172,27 @@ def test_transposed_projection_is_fixed_with_a_log_line(tmp_path, caplog):
     np.testing.assert_array_equal(np.asarray(loaded.mtp[0].proj.get_value()), np.asarray(model.mtp[0].proj.get_value()))
 
 
-def test_a_checkpoint_without_mtp_tensors_still_loads_and_a_missing_head_is_named(tmp_path):
+def test_a_checkpoint_without_mtp_tensors_still_loads_and_a_missing_head_is_named(tmp_path, caplog):
     plain = hf_model(TINY_DENSE)
     plain.save_pretrained(tmp_path / "plain")
     model = ernie_jax.from_pretrained(tmp_path / "plain", dtype=jnp.float32, progress=False)
     assert model.mtp is None
     with pytest.raises(ValueError, match="no MTP head"):
         model(jnp.zeros((1, 4), jnp.int32), return_mtp_logits=True)
+    # transformers re-saving a released -PT model keeps num_nextn_predict_layers but drops the MTP tensors.
     config = json.loads((tmp_path / "plain" / "config.json").read_text())
     (tmp_path / "plain" / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 1}))
+    with caplog.at_level(logging.WARNING, logger="ernie_jax.hf.checkpoint"):
+        model = ernie_jax.from_pretrained(tmp_path / "plain", dtype=jnp.float32, progress=False)
+    assert model.mtp is None and any("holds no MTP tensors" in r.getMessage() for r in caplog.records)
+    # Some MTP tensors but not all: a damaged head is named, never half-loaded.
+    ours = _model(MTP_DENSE.replace(num_nextn_predict_layers=1))
+    ernie_jax.save_pretrained(ours, tmp_path / "partial", dtype=jnp.float32, progress=False)
+    tensors = safetensors.numpy.load_file(str(tmp_path / "partial" / "model.safetensors"))
+    del tensors["model.mtp_emb_norm.0.weight"]
+    safetensors.numpy.save_file(tensors, str(tmp_path / "partial" / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ernie_jax.CheckpointError, match="mtp_emb_norm.0.weight"):
-        ernie_jax.from_pretrained(tmp_path / "plain", dtype=jnp.float32, progress=False)
+        ernie_jax.from_pretrained(tmp_path / "partial", dtype=jnp.float32, progress=False)
 
 
 def test_mtp_depth_needs_an_mtp_head():
@@ -207,3 +217,37 @@ def test_mtp_training_logs_its_loss_and_learns(tmp_path):
     for r in rows:
         terms = r["ce"] + 1e-2 * r["aux_loss"] + 1e-4 * r["z_loss"] + 1e-3 * r["ortho_loss"] + 0.3 * r["mtp_loss"]
         assert r["loss"] == pytest.approx(terms, rel=1e-5, abs=1e-6)
+
+
+def test_mtp_targets_stay_inside_each_document():
+    """Hand-checked row: documents [10 11 12 | 20 21 | 30 ...] packed in T + 2 = 8 tokens; depth d at position t
+    learns targets[t + d + 1], and only while that target is in t's document (and a real token)."""
+    from ernie_jax.training.losses import mtp_targets
+
+    batch = {
+        "input_ids": jnp.array([[10, 11, 12, 20, 21, 30, 31, 0]]),
+        "targets": jnp.array([[11, 12, 13, 21, 22, 31, 32, 0]]),
+        "segment_ids": jnp.array([[1, 1, 1, 2, 2, 3, 3, 0]]),
+        "positions": jnp.array([[0, 1, 2, 0, 1, 0, 1, 0]]),
+        "loss_mask": jnp.array([[1, 1, 1, 1, 1, 1, 1, 0]], jnp.float32),
+    }
+    (t1, m1), (t2, m2) = mtp_targets(batch, seq_len=6, depth=2)
+    np.testing.assert_array_equal(t1, [[12, 13, 21, 22, 31, 32]])
+    np.testing.assert_array_equal(m1, [[1, 1, 0, 1, 0, 1]])
+    np.testing.assert_array_equal(t2, [[13, 21, 22, 31, 32, 0]])
+    np.testing.assert_array_equal(m2, [[1, 0, 0, 0, 0, 0]])
+
+
+def test_init_from_a_checkpoint_without_mtp_lowers_the_presets_depth(tmp_path, caplog):
+    """The embedded default trains one MTP depth; a checkpoint without a head trains without MTP, with a warning
+    (the rows' length follows), and a checkpoint with one keeps it."""
+    for depths in (0, 1):
+        path = tmp_path / f"ckpt{depths}"
+        path.mkdir()
+        (path / "config.json").write_text(json.dumps(MTP_DENSE.replace(num_nextn_predict_layers=depths).to_hf_config()))
+        cfg = apply_overrides(load_preset("tiny"), [f"init_from_hf={path}"])
+        assert cfg.mtp.depth == 1
+        with caplog.at_level(logging.WARNING, logger="ernie_jax.train"):
+            fitted = train_mod.fit_mtp_depth(cfg)
+        assert fitted.mtp.depth == depths and fitted.run_data.lookahead == depths
+    assert sum("has 0 MTP depth(s)" in r.getMessage() for r in caplog.records) == 1

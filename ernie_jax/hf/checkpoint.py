@@ -164,6 +164,16 @@ def saved_dtype(path: str | os.PathLike) -> str | None:
 def _load(path, dtype, mesh, param_dtype, rules, options, progress) -> ErnieForCausalLM:
     cfg = ErnieConfig.from_hf_config(path)
     reader = SafetensorsReader(path)
+    names = reader.keys()
+    if cfg.num_nextn_predict_layers and not any("mtp" in name for name in names):
+        # transformers keeps the config key but drops the MTP tensors when it saves: the main model is all there.
+        log.warning(
+            "%s: config.json has num_nextn_predict_layers=%d but the checkpoint holds no MTP tensors (transformers "
+            "drops them when it saves); loaded without an MTP head",
+            path,
+            cfg.num_nextn_predict_layers,
+        )
+        cfg = cfg.replace(num_nextn_predict_layers=0)
     maps = tensor_maps(cfg)
     ignored = validate_tensors(reader, maps, lambda key: is_ignored_hf_key(key, cfg))
     mtp = [k for k in ignored if "mtp" in k]

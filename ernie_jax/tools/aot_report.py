@@ -292,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=64, help="--decode: rows decoded together")
     parser.add_argument("--cache", type=int, default=4096, help="--decode: KV cache slots per row")
     parser.add_argument("--mesh", default="", help="--decode: e.g. expert=4 or data=2,expert=4 (default: experts)")
+    parser.add_argument(
+        "--quantize", choices=("int8", "nf4"), help="--decode: weights stored quantized (ernie_jax.quant)"
+    )
     args, overrides = parser.parse_known_args(argv)
     unknown = [o for o in overrides if o.startswith("-")]
     if unknown:
@@ -318,7 +321,13 @@ def decode_main(cfg: TrainConfig, args) -> int:
             f"--mesh: expected axis=size pairs like expert=4 or data=2,expert=4, got {args.mesh!r}"
         ) from None
     report = decode_report(
-        cfg.model, topology_devices(libtpu_name), gen, batch=args.batch, cache=args.cache, mesh_sizes=sizes
+        cfg.model,
+        topology_devices(libtpu_name),
+        gen,
+        batch=args.batch,
+        cache=args.cache,
+        mesh_sizes=sizes,
+        quantize=args.quantize,
     )
     print(json.dumps(report, indent=2) if args.json else format_decode_report(cfg.name, args.topology, report))
     return 0 if report["fits"] else 1

@@ -20,7 +20,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 import sharding
-from ernie_jax.config import ConfigError, human_count
+from ernie_jax.config import ConfigError, ErnieConfig, human_count
 from ernie_jax.console import fail, setup_logging
 from ernie_jax.data import (
     BadRecordError,
@@ -195,6 +195,28 @@ class StepChecker:
             self.finish(*pending)
 
 
+def fit_mtp_depth(cfg: TrainConfig) -> TrainConfig:
+    """With --init-from-hf the checkpoint decides how many MTP depths exist: a preset's mtp.depth beyond them (the
+    embedded default trains one; most checkpoints have none) is lowered to what the checkpoint has, with a warning.
+    Read from config.json before the data opens, since the rows' length depends on it."""
+    if not cfg.init_from_hf or not cfg.mtp.depth:
+        return cfg
+    try:
+        depths = ErnieConfig.from_hf_config(cfg.init_from_hf).num_nextn_predict_layers
+    except (OSError, ValueError):
+        return cfg  # an unreadable checkpoint is reported by the model loader, with its own line
+    if cfg.mtp.depth <= depths:
+        return cfg
+    log.warning(
+        "mtp.depth=%d but %s has %d MTP depth(s) (num_nextn_predict_layers): training with mtp.depth=%d",
+        cfg.mtp.depth,
+        cfg.init_from_hf,
+        depths,
+        depths,
+    )
+    return apply_overrides(cfg, [f"mtp.depth={depths}"])
+
+
 def train(cfg: TrainConfig, name: str = "custom", *, progress: bool = True) -> dict:
     """Run (or resume) training; returns a summary dict (first/last loss, steps, tokens/s, wall time).
 
@@ -203,6 +225,7 @@ def train(cfg: TrainConfig, name: str = "custom", *, progress: bool = True) -> d
             nonfinite=stop); the message says why and what to change.
     """
     started = time.perf_counter()
+    cfg = fit_mtp_depth(cfg)
     mesh = sharding.make_mesh(**cfg.mesh.sizes)
     is_main = jax.process_index() == 0
     tokenizer, data = open_data(cfg)  # a missing or misnamed data file fails before a checkpoint is loaded
@@ -214,12 +237,6 @@ def train(cfg: TrainConfig, name: str = "custom", *, progress: bool = True) -> d
     if model_cfg != cfg.model:
         log.info("Model architecture from %s differs from the preset's; using the checkpoint's", cfg.init_from_hf)
     check_vocab(model_cfg.vocab_size, tokenizer, cfg.data.tokenizer)
-    if cfg.mtp.depth > model_cfg.num_nextn_predict_layers:
-        raise RunStopped(
-            f"mtp.depth: {cfg.mtp.depth} but the checkpoint {cfg.init_from_hf} has num_nextn_predict_layers="
-            f"{model_cfg.num_nextn_predict_layers}; lower mtp.depth",
-            EXIT_CONFIG,
-        )
     graphdef, params, biases, opt_state = state.graphdef, state.params, state.biases, state.opt_state
     schedule = lr_schedule(cfg.optim, cfg.steps)  # the same schedule the optimizer uses, for logging
     if cfg.lora.enabled:
