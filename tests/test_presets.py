@@ -55,6 +55,7 @@ def shrink(name: str, run_dir, mesh: list[str], *extra: str) -> list[str]:
     run = [
         "data.sources=builtin:python-docs",
         "data.tokenizer=bytes",
+        "data.format=text",  # SFT presets read conversations with a checkpoint's tokenizer; here the byte corpus
         "data.seq_len=32",
         "data.global_batch_size=8",
         "optim.grad_accum=1",

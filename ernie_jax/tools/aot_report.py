@@ -243,7 +243,7 @@ def format_report(r: dict) -> str:
         f"global batch {r['global_batch']} x {r['seq_len']} tokens",
         f"  compile: lower {r['lower_s']:.1f} s + compile {r['compile_s']:.1f} s",
         "  bytes per chip:",
-        f"    params (fp32)     {_gb(b['params'])}",
+        f"    params            {_gb(b['params'])}  (fp32 masters; a LoRA base in lora.base_dtype)",
         f"    optimizer state   {_gb(b['opt_state'])}",
         f"    biases + batch    {_gb(b['biases'] + b['batch'])}",
         f"    arguments         {_gb(b['arguments'])}  (outputs {_gb(b['outputs'])}, aliased {_gb(b['aliased'])})",
