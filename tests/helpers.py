@@ -145,7 +145,9 @@ SMALL_TRAIN_OVERRIDES = [
     "data.global_batch_size=8",
     "log_every=1",
     "sample_tokens=0",
-    "mtp.depth=0",  # the preset trains its MTP head; these tests do not need it (tests/test_mtp.py does)
+    # the preset trains an MTP head; these tests do not need one (tests/test_mtp.py does)
+    "mtp.depth=0",
+    "model.num_nextn_predict_layers=0",
 ]
 
 

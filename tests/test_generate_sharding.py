@@ -44,7 +44,7 @@ def test_generation_on_a_mesh_equals_one_device(checkpoint, mesh_name):
         prompts = make_prompts(count)
         expected = decode_batch(single, prompts, spec)
         expected_samples = ernie_jax.generate(single, prompts, **sample)
-        with sharding.use_mesh(mesh, moe_transport="allgather"):
+        with sharding.use_mesh(mesh):
             got = decode_batch(sharded, prompts, spec)
             samples = ernie_jax.generate(sharded, prompts, **sample)
         np.testing.assert_array_equal(got.tokens, expected.tokens)
@@ -62,5 +62,5 @@ def test_trainer_sample_on_a_mesh(checkpoint):
     sharded = ernie_jax.from_pretrained(path, dtype=jnp.float32, mesh=mesh, progress=False)
     prompt = make_prompts(1)[0]
     expected = greedy(single, prompt, NEW_TOKENS, eos_id=2)
-    with sharding.use_mesh(mesh, moe_transport="allgather"):
+    with sharding.use_mesh(mesh):
         assert greedy(sharded, prompt, NEW_TOKENS, eos_id=2) == expected

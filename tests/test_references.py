@@ -294,8 +294,9 @@ def test_packed_row_logits_equal_each_document_alone():
 
 
 def train_cfg(*overrides):
-    """The tiny preset's training settings; the model itself comes from tests.helpers (the step takes a graphdef)."""
-    return apply_overrides(load_preset("tiny"), list(overrides))
+    """The tiny preset's training settings, without its MTP loss (rows of seq_len tokens); the model itself comes
+    from tests.helpers (the step takes a graphdef)."""
+    return apply_overrides(load_preset("tiny"), ["mtp.depth=0", *overrides])
 
 
 def batch_of(rows):

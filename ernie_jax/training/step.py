@@ -159,7 +159,9 @@ def _updated_biases(graphdef, params, biases: nnx.State, counts: list, rate: flo
     MoE block's statistics through the model's own structure, not through state paths."""
     if rate == 0:
         return biases
-    model = nnx.merge(graphdef, params, biases)
+    # copy=True: the update writes into the merged model's variables, which must not be `biases`' own (the
+    # non-finite guard compares against the old biases).
+    model = nnx.merge(graphdef, params, biases, copy=True)
     update_correction_biases(model, counts, rate)
     return nnx.state(model, CorrectionBias)
 

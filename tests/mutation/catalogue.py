@@ -39,8 +39,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "step_drops_segment_ids_and_positions",
         "ernie_jax/training/step.py",
-        """            positions=batch["positions"],
-            segment_ids=batch["segment_ids"],
+        """            positions=main["positions"],
+            segment_ids=main["segment_ids"],
 """,
         "",
         (REF + "test_train_step_loss_on_packed_rows_equals_documents_alone",),
