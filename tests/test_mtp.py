@@ -8,6 +8,7 @@ h'_t = dense decoder layer(x); logits = lm_head(final_norm(h')) predicts ids[t +
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 
@@ -251,3 +252,50 @@ def test_init_from_a_checkpoint_without_mtp_lowers_the_presets_depth(tmp_path, c
             fitted = train_mod.fit_mtp_depth(cfg)
         assert fitted.mtp.depth == depths and fitted.run_data.lookahead == depths
     assert sum("has 0 MTP depth(s)" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_mtp_step_on_the_mesh_with_remat_and_chunked_loss_equals_one_device():
+    """The MTP loss with everything a pod run turns on: the 8-device mesh (experts over 4, batch over 8), full
+    remat, the chunked LM-head loss and packed rows of T + 1 tokens; the step's losses and gradients' effect on the
+    parameters equal one device's."""
+    if jax.device_count() < 8:
+        pytest.skip("needs the 8 emulated CPU devices of tests/conftest.py")
+    import optax
+
+    import sharding
+    from ernie_jax.training.state import split_model
+    from ernie_jax.training.step import make_train_step
+
+    cfg = apply_overrides(
+        load_preset("tiny"),
+        ["mtp.depth=1", "mtp.loss_weight=0.3", "remat=full", "loss_chunk=8", "data.seq_len=16",
+         "data.global_batch_size=8"],
+    )  # fmt: skip
+    model_cfg = MTP_MOE_BIAS.replace(num_nextn_predict_layers=1)
+    rng = np.random.RandomState(0)
+    ids = rng.randint(1, model_cfg.vocab_size, (8, 18))
+    segments = np.where(np.arange(17) < 9, 1, 2)[None].repeat(8, 0)  # two documents per row of 17
+    positions = np.where(segments == 1, np.arange(17), np.arange(17) - 9)
+    batch = {
+        "input_ids": jnp.asarray(ids[:, :17]),
+        "targets": jnp.asarray(ids[:, 1:]),
+        "segment_ids": jnp.asarray(segments),
+        "positions": jnp.asarray(positions),
+        "loss_mask": jnp.ones((8, 17), jnp.float32),
+    }
+    results = []
+    for mesh in (None, sharding.make_mesh(data=2, expert=4)):
+        model = ErnieForCausalLM(model_cfg, rngs=nnx.Rngs(0), options=cfg.model_options())
+        if mesh is not None:
+            nnx.update(model, sharding.shard_state(nnx.state(model), mesh))
+        graphdef, params, biases = split_model(model)
+        optimizer = optax.sgd(0.1)
+        step = jax.jit(make_train_step(graphdef, cfg, optimizer))
+        with sharding.use_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+            new_params, _, _, metrics = step(params, biases, optimizer.init(params), batch, jnp.int32(0))
+        results.append((metrics, new_params))
+    (one, p_one), (eight, p_eight) = results
+    for key in ("loss", "ce", "mtp_loss"):
+        np.testing.assert_allclose(float(eight[key]), float(one[key]), rtol=1e-5, err_msg=key)
+    for (path, a), (_, b) in zip(nnx.to_flat_state(p_eight), nnx.to_flat_state(p_one), strict=True):
+        assert_close(a.get_value(), b.get_value(), np.float32, ".".join(map(str, path)))
