@@ -11,22 +11,12 @@ weights: ernie-jax loads the checkpoint transformers writes. Prints new tokens p
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 
 import ernie_jax
 from benchmarks.peers import tiny_pair
-
-
-def _best_seconds(fn, repeats: int):
-    out = fn()  # warm-up: compiles (ours) and warms the allocator (both)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return min(times), out
+from benchmarks.timing import best_seconds
 
 
 def main(argv=None) -> dict[str, float]:
@@ -66,8 +56,8 @@ def main(argv=None) -> dict[str, float]:
             )
         return out[:, width:].tolist()
 
-    ours_s, ours_tokens = _best_seconds(ours, args.repeats)
-    theirs_s, theirs_tokens = _best_seconds(theirs, args.repeats)
+    ours_s, ours_tokens = best_seconds(ours, args.repeats)
+    theirs_s, theirs_tokens = best_seconds(theirs, args.repeats)
     new_tokens = args.batch * args.new
     result = {
         "ernie_jax_tokens_per_s": new_tokens / ours_s,

@@ -15,27 +15,17 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import time
 
 import jax.numpy as jnp
 
 import ernie_jax
+from benchmarks.timing import best_seconds
 from ernie_jax.data import load_tokenizer
 from ernie_jax.generation import DecodeSpec, Sampling, decode_batch
 from ernie_jax.training import loop
 from ernie_jax.training.config import apply_overrides, load_preset
 
 PROMPTS = ("The ", "A list is ", "In Python, the ", "If the ")
-
-
-def _best_seconds(fn, repeats: int):
-    out = fn()  # warm-up: compiles
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return min(times), out
 
 
 def trained_model_dir(steps: int) -> str:
@@ -66,8 +56,8 @@ def main(argv=None) -> dict[str, float]:
         spec = DecodeSpec(Sampling(), max_new_tokens=args.new, eos_ids=(), pad_id=0, speculative=speculative)
         return decode_batch(model, prompts, spec)
 
-    plain_s, plain = _best_seconds(lambda: run(False), args.repeats)
-    spec_s, spec = _best_seconds(lambda: run(True), args.repeats)
+    plain_s, plain = best_seconds(lambda: run(False), args.repeats)
+    spec_s, spec = best_seconds(lambda: run(True), args.repeats)
     new = args.batch * args.new
     stats = spec.stats
     identical = (plain.tokens[:, : args.new] == spec.tokens[:, : args.new]).all()
