@@ -125,9 +125,11 @@ def speculative_loop(graphdef, params, state: SpecState, key, *, spec) -> SpecSt
             bonus = bonus.astype(jnp.int32)
         live = ~s.done
         take_bonus = live & accepted & ~is_eos(first) & (s.count + 1 < limit)
-        rows = jnp.arange(ids.shape[0])
-        tokens = s.tokens.at[rows, s.count].set(jnp.where(live, first, spec.pad_id), mode="drop")
-        tokens = tokens.at[rows, s.count + 1].set(jnp.where(take_bonus, bonus, spec.pad_id), mode="drop")
+        # Each row writes its own columns: elementwise selects rather than a scatter, so the write stays local to a
+        # row's shard on a mesh (columns past max_new_tokens are simply never matched).
+        column = jnp.arange(limit)[None, :]  # [1, M]
+        tokens = jnp.where((column == s.count[:, None]) & live[:, None], first[:, None], s.tokens)
+        tokens = jnp.where((column == s.count[:, None] + 1) & take_bonus[:, None], bonus[:, None], tokens)
         count = s.count + live + take_bonus
         done = s.done | (live & (is_eos(first) | (take_bonus & is_eos(bonus)))) | (count >= limit)
         if spec.stream is not None:
