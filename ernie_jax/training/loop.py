@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -217,8 +218,18 @@ def fit_mtp_depth(cfg: TrainConfig) -> TrainConfig:
     return apply_overrides(cfg, [f"mtp.depth={depths}"])
 
 
-def train(cfg: TrainConfig, name: str = "custom", *, progress: bool = True) -> dict:
+def train(
+    cfg: TrainConfig,
+    name: str = "custom",
+    *,
+    progress: bool = True,
+    on_log: Callable[[int, dict], None] | None = None,
+) -> dict:
     """Run (or resume) training; returns a summary dict (first/last loss, steps, tokens/s, wall time).
+
+    `on_log(step, row)`, if given, is called on the main process after every logged step with the row written to
+    metrics.jsonl, plus `expert_load` for MoE models: tokens routed to each expert, one list per MoE layer. It is
+    meant for watching a run from Python, e.g. a notebook that redraws the loss curve.
 
     Raises:
         RunStopped: the run could not start or had to stop (a bad config or record, a non-finite step with
@@ -374,6 +385,11 @@ def train(cfg: TrainConfig, name: str = "custom", *, progress: bool = True) -> d
                     summary["first_loss"] = summary["first_loss"] or scalars["loss"]
                     summary["last_loss"] = scalars["loss"]
                     writer.write(step, scalars)
+                    if on_log is not None and is_main:
+                        row = dict(scalars)
+                        if "expert_load" in metrics:
+                            row["expert_load"] = np.asarray(jax.device_get(metrics["expert_load"])).tolist()
+                        on_log(step, row)
                     bar.set_postfix(loss=f"{scalars['loss']:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{scalars['mfu']:.1%}")
                     window_start, window_steps = time.perf_counter(), 0
                 if save_now or stop["signal"] is not None:  # a signal may have come in while logging
