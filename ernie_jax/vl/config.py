@@ -241,6 +241,82 @@ class VLConfig:
     def model_type(self) -> str:
         return "ernie4_5_vl_moe"
 
+    # ----------------------------------------------------------------------------------------------------------
+    # What the trainer and the AOT report read from a model config (the text models' ErnieConfig names).
+    @property
+    def vocab_size(self) -> int:
+        return self.text.vocab_size
+
+    @property
+    def hidden_size(self) -> int:
+        return self.text.hidden_size
+
+    @property
+    def num_hidden_layers(self) -> int:
+        return self.text.num_hidden_layers
+
+    @property
+    def num_attention_heads(self) -> int:
+        return self.text.num_attention_heads
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.text.resolved_head_dim
+
+    @property
+    def num_nextn_predict_layers(self) -> int:
+        return 0  # ERNIE 4.5 VL has no multi-token-prediction head
+
+    def _param_counts(self) -> dict[str, int]:
+        """Parameter counts by part: embed (+ untied head), decoder attention/norms/dense/shared, each pool's
+        routed experts (and routers), vision tower and resampler."""
+        t, v = self.text, self.vision
+        d, hd = t.hidden_size, t.resolved_head_dim
+        bias = int(t.use_bias)
+        attn = d * hd * (2 * t.num_attention_heads + 2 * t.num_key_value_heads)
+        attn += bias * hd * (t.num_attention_heads + 2 * t.num_key_value_heads) + bias * d
+        dense = 3 * d * t.intermediate_size + bias * (2 * t.intermediate_size + d)
+        shared = 3 * d * t.shared_expert_size + bias * (2 * t.shared_expert_size + d) if t.moe_num_shared_experts else 0
+        n_moe = sum(kind == "sparse" for kind in t.mlp_layer_types)
+        expert = [3 * d * width for width in t.moe_intermediate_size]  # one routed expert of each pool
+        dv, fv = v.hidden_size, v.intermediate_size
+        block = 4 * dv + 3 * dv * dv + 3 * dv + dv * dv + dv + dv * fv + fv + fv * dv + dv
+        m = v.merged_dim
+        resampler = 2 * (m * m + m) + 2 * m + (2 * m * m + m) + (m * m + m) + 2 * m + m * d + d + d
+        return dict(
+            embed=t.vocab_size * d * (1 if self.tie_word_embeddings else 2),
+            decoder=t.num_hidden_layers * (attn + 2 * d) + d + (t.num_hidden_layers - n_moe) * dense + n_moe * shared,
+            routers=n_moe * 2 * d * t.moe_num_experts,
+            text_experts=n_moe * t.moe_num_experts * expert[0],
+            vision_experts=n_moe * t.moe_num_experts * expert[1],
+            text_active=n_moe * t.moe_k * expert[0],
+            vision=v.patch_dim * dv + v.depth * block + 2 * dv + resampler,
+        )
+
+    def num_params(self) -> int:
+        """Every parameter: decoder with both expert pools, vision tower and resampler."""
+        c = self._param_counts()
+        return c["embed"] + c["decoder"] + c["routers"] + c["text_experts"] + c["vision_experts"] + c["vision"]
+
+    def num_active_params(self, include_embedding: bool = True) -> int:
+        """Parameters a text token passes through: the decoder with k text experts per MoE layer (no vision
+        tower, no vision pool). Image tokens pass through k narrower vision experts instead."""
+        c = self._param_counts()
+        embed = c["embed"] if include_embedding else 0
+        return embed + c["decoder"] + c["routers"] // 2 + c["text_active"]
+
+    def vision_flops_per_patch(self, frame_patches: int) -> float:
+        """Training FLOPs per image patch through the vision tower and resampler: 6 * their parameters (the
+        resampler's per merged token, spread over its m^2 patches) + attention within frames of `frame_patches`."""
+        c = self._param_counts()
+        v = self.vision
+        tower = v.patch_dim * v.hidden_size + v.depth * (
+            3 * v.hidden_size**2 + v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size
+        )
+        resampler = (c["vision"] - tower) / v.spatial_merge_size**2
+        attention = v.depth * 12 * frame_patches * v.hidden_size  # bidirectional: QK^T and AV, fwd + bwd
+        return 6.0 * (tower + resampler) + attention
+
     def replace(self, **changes: Any) -> VLConfig:
         return dataclasses.replace(self, **changes)
 

@@ -58,6 +58,13 @@ class VLDecoderLayer(nnx.Module):
         return h + y.astype(h.dtype), stats
 
 
+class PoolSite:
+    """One expert pool seen as a layer position of its group (`.ffn` is the pool, holding its correction bias)."""
+
+    def __init__(self, pool):
+        self.ffn = pool
+
+
 class DecoderGroup(nnx.Module):
     """`repeats` consecutive layers of one kind, parameters stacked on a leading axis, run with lax.scan."""
 
@@ -68,6 +75,17 @@ class DecoderGroup(nnx.Module):
         self.layer = VLDecoderLayer(
             cfg, kind, options, dtype=dtype, param_dtype=param_dtype, stack=(repeats,), rngs=rngs
         )
+
+    @property
+    def layers(self) -> tuple:
+        """Where this group's correction biases sit, in the order of its router statistics ((None,) dense,
+        (text, vision) MoE): each entry's `.ffn.correction_bias` [R, E] is the bias its statistics update. That is
+        the nesting `ernie_jax.moe.update_correction_biases` walks, so the trainer's aux-free update reaches both
+        pools without reading state paths."""
+        if self.kind != "sparse":
+            return (self.layer,)
+        moe = self.layer.ffn
+        return (PoolSite(moe.text), PoolSite(moe.vision))
 
     def __call__(self, h, angles, segment_ids, is_vision, token_mask):
         """Returns h and, for MoE groups, the (text, vision) RouterStats stacked over the group's layers [R]."""

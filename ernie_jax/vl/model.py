@@ -48,6 +48,13 @@ def scatter_placeholders(h: jax.Array, is_placeholder: jax.Array, features: jax.
     return jnp.where(is_placeholder[..., None], rows, h)
 
 
+def scatter_rows(h: jax.Array, is_placeholder: jax.Array, features: jax.Array) -> jax.Array:
+    """Row b's placeholders of h [B, T, D] take row b's features [B, Q, D] in order (Q >= placeholders per row)."""
+    slot = jnp.clip(jnp.cumsum(is_placeholder, axis=1) - 1, 0, features.shape[1] - 1)  # [B, T]
+    rows = jnp.take_along_axis(features.astype(h.dtype), slot[..., None], axis=1)  # [B, T, D]
+    return jnp.where(is_placeholder[..., None], rows, h)
+
+
 class ErnieVLForConditionalGeneration(nnx.Module):
     """Vision tower + resampler + modality-isolated MoE decoder, exactly transformers' ERNIE 4.5 VL."""
 
@@ -96,6 +103,15 @@ class ErnieVLForConditionalGeneration(nnx.Module):
         pixel_values_videos: jax.Array | None = None,
         video_grid_thw=None,
         return_aux: bool = False,
+        return_hidden: bool = False,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        positions_h: jax.Array | None = None,
+        positions_w: jax.Array | None = None,
+        token_types: jax.Array | None = None,
+        patch_frames: jax.Array | None = None,
+        patch_rows: jax.Array | None = None,
+        patch_cols: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, dict[str, Any]]:
         """Logits [B, T, V] (fp32 when dtype is fp32), with transformers' argument meanings.
 
@@ -108,9 +124,24 @@ class ErnieVLForConditionalGeneration(nnx.Module):
           moe_mm_token_type_ids: [B, T] the MoE hard gate: 0 text pool, 1/2 vision pool (`moe_token_types`).
           pixel_values / image_grid_thw: flattened patches [P, C] of all images, their grids [n, 3] (host ints).
           pixel_values_videos / video_grid_thw: the same for videos.
-          return_aux: also return {"router_stats": [per decoder group: None (dense) or (text, vision) RouterStats
-            stacked over the group's layers]}; see `modality_router_losses`.
+          return_aux: also return {"router_stats": [per decoder group: (None,) (dense) or (text, vision)
+            RouterStats stacked over the group's layers]}; see `modality_router_losses`.
+          return_hidden: return the final-normed hidden states [B, T, D] instead of the logits (`logits_from_hidden`
+            applies the head; the trainer's chunked loss does it a slice at a time).
+
+        Packed rows (the trainer's batches, `ernie_jax.data` format vl_sft; every shape static, so one compile):
+          positions, positions_h, positions_w: [B, T] the (t, h, w) 3D RoPE positions of every token.
+          segment_ids: [B, T] packed conversation of each token, 1.. (0 = padding); attention stays inside one.
+          token_types: [B, T] the MoE gate, as `moe_mm_token_type_ids`.
+          pixel_values: [B, P, C] each row's image patches, P its patch budget; patch_frames [B, P] the image of
+            each patch in its row, 1.. (0 = padding); patch_rows, patch_cols [B, P] its (row, column) in the image.
+          Image placeholders of row b take row b's merged image tokens in order.
         """
+        if patch_frames is not None or segment_ids is not None:
+            return self._packed(
+                input_ids, segment_ids, positions, positions_h, positions_w, token_types, pixel_values, patch_frames,
+                patch_rows, patch_cols, return_aux=return_aux, return_hidden=return_hidden,
+            )  # fmt: skip
         cfg = self.config
         b, t = input_ids.shape
         h = jnp.take(self.embed[...], input_ids, axis=0).astype(self.dtype)  # [B, T, D]
@@ -134,7 +165,6 @@ class ErnieVLForConditionalGeneration(nnx.Module):
 
         positions = self._positions(b, t, position_ids, mm_token_type_ids, image_grid_thw, video_grid_thw,
                                     attention_mask)  # fmt: skip
-        angles = mrope_angles(positions, cfg.text.resolved_head_dim, cfg.text.rope_theta, cfg.text.mrope_section)
         token_mask = segment_ids = None
         if attention_mask is not None:
             token_mask = jnp.asarray(attention_mask).astype(bool)
@@ -143,16 +173,49 @@ class ErnieVLForConditionalGeneration(nnx.Module):
             is_vision = jnp.zeros((b, t), bool)
         else:
             is_vision = jnp.asarray(moe_mm_token_type_ids) != 0
+        return self._decode(h, positions, segment_ids, is_vision, token_mask, return_aux, return_hidden)
+
+    def _decode(self, h, positions, segment_ids, is_vision, token_mask, return_aux: bool, return_hidden: bool):
+        """The decoder over embedded tokens h [B, T, D] at 3D positions [3, B, T]: logits or final hidden states."""
+        text = self.config.text
+        angles = mrope_angles(positions, text.resolved_head_dim, text.rope_theta, text.mrope_section)
         router_stats = []
         for group in self.groups:
             h, stats = group(h, angles, segment_ids, is_vision, token_mask)
-            router_stats.append(stats)
+            # (None,) for a dense group, (text, vision) for an MoE one: per group, the routers' statistics in the
+            # order of the group's correction biases (DecoderGroup.layers), as the trainer's losses walk them.
+            router_stats.append((None,) if stats is None else tuple(stats))
         h = self.final_norm(h).astype(self.dtype)
+        out = h if return_hidden else self.logits_from_hidden(h)
+        return (out, {"router_stats": router_stats}) if return_aux else out
+
+    def logits_from_hidden(self, h: jax.Array) -> jax.Array:
+        """Final-normed hidden states [B, T, D] -> logits [B, T, V] (the tied embeddings or the LM head)."""
+        h = h.astype(self.dtype)
         if self.lm_head is None:
-            logits = jnp.einsum("BTD,VD->BTV", h, self.embed[...].astype(self.dtype))
-        else:
-            logits = jnp.einsum("BTD,DV->BTV", h, self.lm_head[...].astype(self.dtype))
-        return (logits, {"router_stats": router_stats}) if return_aux else logits
+            return jnp.einsum("BTD,VD->BTV", h, self.embed[...].astype(self.dtype))
+        return jnp.einsum("BTD,DV->BTV", h, self.lm_head[...].astype(self.dtype))
+
+    def _packed(self, input_ids, segment_ids, positions, positions_h, positions_w, token_types, pixel_values,
+                patch_frames, patch_rows, patch_cols, *, return_aux: bool, return_hidden: bool):  # fmt: skip
+        """The forward over packed rows (see __call__): static shapes, no host values."""
+        given = dict(segment_ids=segment_ids, positions=positions, positions_h=positions_h, positions_w=positions_w,
+                     token_types=token_types)  # fmt: skip
+        missing = [k for k, v in given.items() if v is None]
+        vision = (pixel_values, patch_frames, patch_rows, patch_cols)
+        if missing or (any(v is None for v in vision) and any(v is not None for v in vision)):
+            raise ValueError(
+                "packed rows need segment_ids, positions, positions_h, positions_w and token_types, and images "
+                "pixel_values [B, P, C] with patch_frames, patch_rows and patch_cols; missing "
+                f"{missing or 'image keys'}"
+            )
+        h = jnp.take(self.embed[...], input_ids, axis=0).astype(self.dtype)  # [B, T, D]
+        if pixel_values is not None:
+            features = self.resampler.packed(self.vision.packed(pixel_values, patch_frames, patch_rows, patch_cols))
+            h = scatter_rows(h, input_ids == self.config.image_token_id, features)  # [B, T, D]
+        h = sharding.shard(h, "batch", "seq", "act_embed")
+        positions3 = jnp.stack([positions, positions_h, positions_w])  # [3, B, T]
+        return self._decode(h, positions3, segment_ids, token_types != 0, segment_ids > 0, return_aux, return_hidden)
 
     def _positions(self, b, t, position_ids, mm_token_type_ids, image_grid_thw, video_grid_thw, attention_mask):
         """[3, B, T] int positions (t, h, w)."""
@@ -183,7 +246,7 @@ def modality_router_losses(router_stats: list) -> dict[str, jax.Array]:
     """Mean over MoE layers of each pool's aux load-balance loss and z-loss: {text,vision}_{aux,z}_loss."""
     per_pool: dict[str, list[RouterStats]] = {"text": [], "vision": []}
     for stats in router_stats:
-        if stats is not None:
+        if len(stats) == 2:  # an MoE group's (text, vision); a dense group has (None,)
             per_pool["text"].append(stats[0])
             per_pool["vision"].append(stats[1])
     out = {}

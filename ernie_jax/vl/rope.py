@@ -140,10 +140,11 @@ def vision_angles(patch_positions: jax.Array, head_dim: int, theta: float) -> ja
 
 
 def rotate_halves(x: jax.Array, angles: jax.Array) -> jax.Array:
-    """Rotate element j of the first half of x [P, N, H] with element j of the second half by angles [P, H/2]."""
+    """Rotate element j of the first half of x [..., P, N, H] with element j of the second half by angles
+    [..., P, H/2]."""
     h = x.shape[-1]
-    cos = jnp.cos(angles)[:, None, :]  # [P, 1, H/2]
-    sin = jnp.sin(angles)[:, None, :]
+    cos = jnp.cos(angles)[..., None, :]  # [..., P, 1, H/2]
+    sin = jnp.sin(angles)[..., None, :]
     x32 = x.astype(jnp.float32)
     first, second = x32[..., : h // 2], x32[..., h // 2 :]
     rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)

@@ -15,7 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+import sharding
 from ernie_jax.layers import RMSNorm, attention_kernel, make_param, normal_init, ones_init, zeros_init
+from ernie_jax.model import REMAT_POLICIES
 from ernie_jax.options import ModelOptions
 from ernie_jax.vl.config import VisionConfig, VLConfig
 from ernie_jax.vl.rope import host_ints, rotate_halves, vision_angles, vision_patch_positions
@@ -79,18 +81,18 @@ class VisionBlock(nnx.Module):
         self.fc2 = Linear(f, d, ("mlp", "embed"), init_std=cfg.initializer_range, dtype=dtype, **common)
 
     def __call__(self, x: jax.Array, angles: jax.Array, frame_ids: jax.Array) -> jax.Array:
-        """x [P, Dv], angles [P, H/2], frame_ids [P] (patches attend only within their frame)."""
+        """x [B, P, Dv], angles [B, P, H/2], frame_ids [B, P] (patches attend only within their frame)."""
         normed = self.norm1(x).astype(self.dtype)
-        qkv = jnp.einsum("PD,DSNH->PSNH", normed, self.wqkv[...].astype(self.dtype))  # [P, 3, N, H]
+        qkv = jnp.einsum("BPD,DSNH->BPSNH", normed, self.wqkv[...].astype(self.dtype))  # [B, P, 3, N, H]
         qkv = qkv + self.bqkv[...].astype(self.dtype)
-        q = rotate_halves(qkv[:, 0], angles)  # [P, N, H]
-        k = rotate_halves(qkv[:, 1], angles)
-        v = qkv[:, 2]
-        # All patches as one packed "batch" row; frame ids keep attention within each frame.
-        out = attention_kernel(q[None], k[None], v[None], frame_ids[None], self.options, causal=False)  # [1, P, N, H]
-        y = jnp.einsum("PNH,NHD->PD", out[0].astype(self.dtype), self.wo[...].astype(self.dtype))
+        q = rotate_halves(qkv[:, :, 0], angles)  # [B, P, N, H]
+        k = rotate_halves(qkv[:, :, 1], angles)
+        v = qkv[:, :, 2]
+        # Each row's patches as one packed sequence; frame ids keep attention within each frame.
+        out = attention_kernel(q, k, v, frame_ids, self.options, causal=False)  # [B, P, N, H]
+        y = jnp.einsum("BPNH,NHD->BPD", out.astype(self.dtype), self.wo[...].astype(self.dtype))
         x = x + (y + self.bo[...].astype(self.dtype)).astype(x.dtype)
-        hidden = ACTIVATIONS[self.act](self.fc1(self.norm2(x)))  # [P, F]
+        hidden = ACTIVATIONS[self.act](self.fc1(self.norm2(x)))  # [B, P, F]
         return x + self.fc2(hidden).astype(x.dtype)
 
 
@@ -102,6 +104,7 @@ class VisionTower(nnx.Module):
         self.dtype = dtype
         init = normal_init(cfg.initializer_range)
         self.patch_embed = make_param(rngs, init, (cfg.patch_dim, cfg.hidden_size), (None, "embed"), param_dtype)
+        self.options = options
         self.blocks = VisionBlock(
             cfg, dtype=dtype, param_dtype=param_dtype, stack=(cfg.depth,), rngs=rngs, options=options
         )
@@ -120,17 +123,37 @@ class VisionTower(nnx.Module):
         if np.any(grid[:, 1:] % cfg.spatial_merge_size):
             raise ValueError(f"grid_thw {grid.tolist()}: patch rows and columns must be multiples of the merge size")
         frames_per_item = np.repeat(np.arange(int(grid[:, 0].sum())), np.repeat(grid[:, 1] * grid[:, 2], grid[:, 0]))
-        frame_ids = jnp.asarray(frames_per_item + 1, jnp.int32)  # [P]
-        positions = jnp.asarray(vision_patch_positions(grid, cfg.spatial_merge_size))  # [P, 2]
-        angles = vision_angles(positions, cfg.head_dim, cfg.rope_theta)  # [P, H/2]
-        x = jnp.einsum("PC,CD->PD", pixel_values.astype(self.dtype), self.patch_embed[...].astype(self.dtype))
+        positions = vision_patch_positions(grid, cfg.spatial_merge_size)  # [P, 2]
+        x = self.packed(
+            pixel_values[None],
+            jnp.asarray(frames_per_item + 1, jnp.int32)[None],
+            jnp.asarray(positions[:, 0])[None],
+            jnp.asarray(positions[:, 1])[None],
+        )
+        return x[0]  # [P, Dv]
+
+    def packed(self, pixel_values: jax.Array, frame_ids: jax.Array, rows: jax.Array, cols: jax.Array) -> jax.Array:
+        """Rows of packed patches, for jitted training: pixel_values [B, P, C], frame_ids [B, P] (1.. per image in
+        the row, 0 = padding), rows/cols [B, P] each patch's (row, column) in its image -> features [B, P, Dv].
+
+        Shapes are static (P is the row's patch budget), so nothing here depends on the images' sizes as values.
+        """
+        cfg = self.config
+        b, p = frame_ids.shape
+        positions = jnp.stack([rows, cols], axis=-1).reshape(b * p, 2)
+        angles = vision_angles(positions, cfg.head_dim, cfg.rope_theta).reshape(b, p, -1)  # [B, P, H/2]
+        x = jnp.einsum("BPC,CD->BPD", pixel_values.astype(self.dtype), self.patch_embed[...].astype(self.dtype))
+        x = sharding.shard(x, "batch", "seq", "act_embed")
         graphdef, state = nnx.split(self.blocks)
 
         def body(h, block_state):
-            return nnx.merge(graphdef, block_state)(h, angles, frame_ids), None
+            h = nnx.merge(graphdef, block_state)(h, angles, frame_ids)
+            return sharding.shard(h, "batch", "seq", "act_embed"), None
 
+        if self.options.remat != "none":  # the trainer's remat policy covers the tower's blocks too
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.options.remat], prevent_cse=False)
         x, _ = jax.lax.scan(body, x, state)
-        return self.final_norm(x)  # [P, Dv]
+        return self.final_norm(x)  # [B, P, Dv]
 
 
 def frame_pairs(grid_thw, spatial_merge_size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -183,3 +206,11 @@ class Resampler(nnx.Module):
         first, second = frame_pairs(grid_thw, self.merge)
         paired = jnp.concatenate([merged[first], merged[second]], axis=-1)  # [tokens, 2M]
         return self.after_norm(self.proj(self.temporal(paired)))  # [tokens, D]
+
+    def packed(self, features: jax.Array) -> jax.Array:
+        """Rows of image patches [B, P, Dv] -> [B, P / m^2, D]: each merge block one token, every image paired with
+        itself in the temporal merge (a row of images only; video frames pair up and are not packed here)."""
+        b, p, _ = features.shape
+        merged = self.spatial(features.reshape(b, p // self.merge**2, self.merged_dim))  # [B, Q, M]
+        paired = jnp.concatenate([merged, merged], axis=-1)  # [B, Q, 2M]
+        return self.after_norm(self.proj(self.temporal(paired)))  # [B, Q, D]
