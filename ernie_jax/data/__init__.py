@@ -24,7 +24,7 @@ from ernie_jax.data.pipeline import (
     truncation_counts,
     vocab_size_for,
 )
-from ernie_jax.data.schema import BATCH_DTYPES, BATCH_KEYS, make_batch
+from ernie_jax.data.schema import BATCH_DTYPES, BATCH_KEYS, VL_BATCH_DTYPES, batch_keys, make_batch
 from ernie_jax.data.sft import ConversationEncoder
 from ernie_jax.data.sources import (
     SUPPORTED_FORMATS,
@@ -38,6 +38,8 @@ from ernie_jax.data.tokenizers import ByteTokenizer, SentencePieceTokenizer, Tok
 __all__ = [
     "BATCH_DTYPES",
     "BATCH_KEYS",
+    "VL_BATCH_DTYPES",
+    "batch_keys",
     "make_batch",
     "BUILTIN_PYTHON_DOCS",
     "SUPPORTED_FORMATS",

@@ -40,6 +40,10 @@ class DataConfig:
         format: ``"text"``: documents, every token learned, packed by concatenation (a long document continues in
             the next row). ``"sft"``: jsonl conversations (see `ernie_jax.data.sft`), loss on the assistant's
             replies only, packed whole (first fit); needs ``tokenizer`` to be a checkpoint directory.
+            ``"vl_sft"``: conversations with images for ERNIE-4.5-VL (see `ernie_jax.vl.sft`), packed whole with
+            their image patches; ``tokenizer`` must be the VL checkpoint directory (its image tokens, and its
+            ``preprocessor_config.json`` if it has one, else ERNIE-4.5-VL's image processor defaults).
+        vision_patches: ``"vl_sft"``: image patches per row (P): the static budget every row's images share.
         on_bad_record: A record that cannot be read (malformed JSON, a missing or non-string field, bytes that
             are not UTF-8): ``"stop"`` raises an error naming its file and line; ``"skip"`` logs it, counts it and
             reads on. It does not change the stream of good records, so a stopped run can resume with ``"skip"``.
@@ -61,7 +65,8 @@ class DataConfig:
     read_threads: int = 4
     process_sharding: Literal["documents", "rows"] = "documents"
     on_bad_record: Literal["stop", "skip"] = "stop"
-    format: Literal["text", "sft"] = "text"
+    format: Literal["text", "sft", "vl_sft"] = "text"
+    vision_patches: int = 0
 
     def __post_init__(self):
         # A bare string is the most common slip (`sources="a.jsonl"` would otherwise iterate its characters).
@@ -89,8 +94,15 @@ class DataConfig:
             )
         if not isinstance(self.worker_count, int) or self.worker_count < 0:
             raise ValueError(f"DataConfig.worker_count must be an int >= 0, got {self.worker_count!r}")
-        if self.format not in ("text", "sft"):
-            raise ValueError(f"DataConfig.format must be 'text' or 'sft', got {self.format!r}")
+        if self.format not in ("text", "sft", "vl_sft"):
+            raise ValueError(f"DataConfig.format must be 'text', 'sft' or 'vl_sft', got {self.format!r}")
+        if not isinstance(self.vision_patches, int) or self.vision_patches < 0:
+            raise ValueError(f"DataConfig.vision_patches must be an int >= 0, got {self.vision_patches!r}")
+        if self.format == "vl_sft" and self.vision_patches == 0:
+            raise ValueError(
+                "DataConfig.vision_patches must be > 0 with format=vl_sft: the image patches one row holds "
+                "(e.g. 4096; a 448x448 image takes 1024)"
+            )
         if self.on_bad_record not in ("stop", "skip"):
             raise ValueError(f"DataConfig.on_bad_record must be 'stop' or 'skip', got {self.on_bad_record!r}")
         if self.txt_split not in TXT_SPLITS:

@@ -80,17 +80,28 @@ class _Encode:
 
 def _finalize(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Packed features -> the batch schema (data/schema.py). Text rows learn every real target; SFT rows carry a
-    mask of their own."""
+    mask of their own; VL rows carry their own (3D) positions and image patches."""
     segment_ids = batch["input_ids_segment_ids"]
     loss_mask = (segment_ids > 0).astype(np.float32)
     if "loss_mask" in batch:
         loss_mask = loss_mask * batch["loss_mask"].astype(np.float32)
+    vision = {}
+    if "pixel_values" in batch:
+        from ernie_jax.vl.sft import patch_frames  # only VL rows need it (and the vl package imports jax)
+
+        vision = {key: batch[key] for key in ("positions_h", "positions_w", "token_types", "pixel_values")}
+        vision.update(
+            patch_frames=patch_frames(batch["pixel_values_segment_ids"], batch["patch_image"]),
+            patch_rows=batch["patch_rows"],
+            patch_cols=batch["patch_cols"],
+        )
     return make_batch(
         input_ids=batch["input_ids"],
         targets=batch["targets"],
         segment_ids=segment_ids,
-        positions=batch["input_ids_positions"],
+        positions=batch["positions"] if vision else batch["input_ids_positions"],
         loss_mask=loss_mask,
+        **vision,
     )
 
 
@@ -126,16 +137,26 @@ def make_dataset(
     if cfg.shuffle:
         ds = ds.shuffle(seed=cfg.seed)  # Grain folds the epoch into the seed: a new permutation each epoch.
     ds = ds.repeat(cfg.num_epochs)
-    if cfg.format == "sft":  # the source already made (input, target, mask) triples; conversations are never split
+    conversations = cfg.format in ("sft", "vl_sft")
+    if conversations:  # the source already made (input, target, mask) triples; conversations are never split
         ds = ds.filter(_not_none)
     else:
         ds = ds.map(_Encode(tokenizer, cfg.add_bos, cfg.add_eos)).filter(_not_none)
     it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=4 * batch))
-    if cfg.format == "sft":
+    if conversations:
         # First-fit packing pads instead of splitting: a conversation cut across rows would lose its own context.
+        # VL rows pack their image patches alongside, into the row's patch budget.
+        lengths = {"input_ids": cfg.row_len, "targets": cfg.row_len, "loss_mask": cfg.row_len}
+        if cfg.format == "vl_sft":
+            from ernie_jax.vl.sft import PATCH_FEATURES, TOKEN_FEATURES
+
+            lengths = {
+                **dict.fromkeys(TOKEN_FEATURES, cfg.row_len),
+                **dict.fromkeys(PATCH_FEATURES, cfg.vision_patches),
+            }
         packed = grain_exp.FirstFitPackIterDataset(
             it_ds,
-            length_struct={"input_ids": cfg.row_len, "targets": cfg.row_len, "loss_mask": cfg.row_len},
+            length_struct=lengths,
             num_packing_bins=batch,
             shuffle_bins=False,
         )
@@ -187,11 +208,16 @@ def make_iterator(cfg: DataConfig, *, process_index: int = 0, process_count: int
 
 def document_source(cfg: DataConfig) -> DocumentSource:
     files = expand_sources(cfg.sources)
-    if cfg.format == "sft":
+    if cfg.format in ("sft", "vl_sft"):
         not_jsonl = [f for f in files if file_format(f) != "jsonl"]
         if not_jsonl:
-            raise ValueError(f"data.format=sft reads jsonl conversations; not jsonl: {not_jsonl[:3]}")
-        encoder = ConversationEncoder(make_tokenizer(cfg), cfg.row_len)
+            raise ValueError(f"data.format={cfg.format} reads jsonl conversations; not jsonl: {not_jsonl[:3]}")
+        if cfg.format == "vl_sft":
+            from ernie_jax.vl.sft import vl_encoder
+
+            encoder = vl_encoder(make_tokenizer(cfg), cfg)
+        else:
+            encoder = ConversationEncoder(make_tokenizer(cfg), cfg.row_len)
         return DocumentSource(files, text_field=None, on_bad_record=cfg.on_bad_record, convert=encoder)
     return DocumentSource(files, text_field=cfg.text_field, txt_split=cfg.txt_split, on_bad_record=cfg.on_bad_record)
 
@@ -200,7 +226,7 @@ def truncation_counts(it: grain.DatasetIterator) -> dict[str, int]:
     """data.format=sft: conversations this process cut to fit data.seq_len, and dropped with nothing left to learn."""
     source = _SOURCES.get(it)
     encoder = getattr(source, "convert", None)
-    return {"cut": encoder.cut, "dropped": encoder.dropped} if isinstance(encoder, ConversationEncoder) else {}
+    return {"cut": encoder.cut, "dropped": encoder.dropped} if hasattr(encoder, "dropped") else {}
 
 
 def skipped_records(it: grain.DatasetIterator) -> int:
