@@ -50,6 +50,8 @@ def generate(
     mesh: Mesh | None = None,
     moe_transport: str | None = None,
     speculative: str | None = None,
+    images: Sequence[Sequence] | None = None,
+    image_processor=None,
 ) -> list[list[int]]:
     """Continue each prompt (a list of token ids; lengths may differ) by up to `max_new_tokens` tokens.
 
@@ -69,6 +71,11 @@ def generate(
     `speculative="mtp"` drafts each next token with the model's MTP head and verifies it with the main model in the
     same forward (up to two tokens per forward): greedy output is plain greedy's token for token, and sampling
     keeps the model's distribution (standard speculative sampling). The acceptance rate is logged.
+    `images` (ERNIE-4.5-VL models): per prompt, a list of images ([H, W, C] numpy arrays, possibly empty), the k-th
+    shown where the prompt's k-th run of image placeholder ids stands: one placeholder is expanded to the image's
+    token count, as transformers' processor does, or the run already has that count. They are preprocessed by
+    `image_processor` (an `ernie_jax.vl.ImageProcessor`; default ERNIE-4.5-VL's with the model's patch and merge
+    sizes); the returned tokens follow the prompt as given.
     """
     if moe_transport is not None and moe_transport != model.options.moe_transport:
         model = with_options(model, moe_transport=moe_transport, moe_buffer_factor=0.0)
@@ -104,8 +111,13 @@ def generate(
         stream=stream,
         speculative=bool(speculative),
     )
+    prompt_inputs = None
+    if images is not None:
+        from ernie_jax.vl.generation import image_prompts  # text generation never loads the VL package
+
+        prompts, prompt_inputs = image_prompts(model, prompts, images, image_processor)
     with sharding.use_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-        generated = decode_batch(model, prompts, spec, seed=seed)
+        generated = decode_batch(model, prompts, spec, seed=seed, prompt_inputs=prompt_inputs)
     if generated.stats is not None:
         st = generated.stats
         log.info(

@@ -95,15 +95,21 @@ def _choose_and_record(state: DecodeState, logits: jax.Array, key: jax.Array, sp
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "spec", "cache_size"))
-def prefill(graphdef, params, prompt_ids, row_start, done, key, *, spec: DecodeSpec, cache_size: int):
-    """Fill the cache with the prompts [B, P] and choose the first new token of every row."""
+def prefill(graphdef, params, prompt_ids, row_start, done, key, prompt_inputs=None, *, spec: DecodeSpec,
+            cache_size: int):  # fmt: skip
+    """Fill the cache with the prompts [B, P] and choose the first new token of every row.
+
+    prompt_inputs: what else the model's prompt forward takes, by name (a VL model: its images and 3D positions,
+    `ernie_jax.vl.generation`); its "positions" replace the 1D ones, and decoding goes on from each row's largest.
+    """
     model = nnx.merge(graphdef, params)
     batch, width = prompt_ids.shape
     slot = jnp.arange(width)[None, :]  # [1, P]
     real = slot >= row_start[:, None]  # [B, P]
-    positions = jnp.maximum(slot - row_start[:, None], 0)  # 0 at each row's first real token
+    extra = dict(prompt_inputs or {})
+    positions = extra.pop("positions", jnp.maximum(slot - row_start[:, None], 0))  # 1D: 0 at the first real token
     cache = model.init_cache(batch, cache_size, row_start)
-    hidden, cache = model.forward_cached(prompt_ids, positions, cache)  # [B, P, D]
+    hidden, cache = model.forward_cached(prompt_ids, positions, cache, **extra)  # [B, P, D]
     logits = model.logits_from_hidden(hidden[:, -1:])[:, 0].astype(jnp.float32)  # [B, V]
     vocab = logits.shape[-1]
     seen = None
@@ -114,7 +120,7 @@ def prefill(graphdef, params, prompt_ids, row_start, done, key, *, spec: DecodeS
         tokens=jnp.full((batch, spec.max_new_tokens), spec.pad_id, jnp.int32),
         step=jnp.zeros((), jnp.int32),
         last=jnp.zeros((batch,), jnp.int32),
-        position=width - 1 - row_start,
+        position=jnp.max(positions.reshape(-1, batch, width), axis=(0, 2)),  # 1D: width - 1 - row_start
         done=done,
         seen=seen,
         logits=jnp.zeros((batch, spec.max_new_tokens, vocab), jnp.float32) if spec.record_logits else None,
@@ -155,8 +161,12 @@ def decode_batch(
     spec: DecodeSpec,
     *,
     seed: int = 0,
+    prompt_inputs: Callable[[np.ndarray, np.ndarray], dict] | None = None,
 ) -> Generated:
-    """Prefill and decode `prompts` (token-id lists of any lengths) together; see `generate`."""
+    """Prefill and decode `prompts` (token-id lists of any lengths) together; see `generate`.
+
+    prompt_inputs(prompt_ids [B, P], row_start [B]) -> the prompt forward's other inputs (see `prefill`), built for
+    the left-padded batch as run."""
     if not prompts:
         raise ValueError("generate: no prompts")
     lengths = [len(p) for p in prompts]
@@ -178,10 +188,13 @@ def decode_batch(
     done = np.arange(rows) >= real_rows
     graphdef, params = nnx.split(model)
     key = jax.random.key(seed)
+    extra = None if prompt_inputs is None else prompt_inputs(prompt_ids, row_start)
     if spec.speculative:
+        if extra is not None:
+            raise ValueError("speculative decoding takes text prompts only")
         return _decode_speculative(graphdef, params, prompt_ids, row_start, done, key, spec, real_rows)
     cache_size = width + spec.max_new_tokens  # the last step writes slot width + max_new_tokens - 2
-    state = prefill(graphdef, params, prompt_ids, row_start, done, key, spec=spec, cache_size=cache_size)
+    state = prefill(graphdef, params, prompt_ids, row_start, done, key, extra, spec=spec, cache_size=cache_size)
     state = decode_loop(graphdef, params, state, key, spec=spec)
     tokens = np.asarray(state.tokens)[:real_rows]
     logits = None if state.logits is None else np.asarray(state.logits)[:real_rows]

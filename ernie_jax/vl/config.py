@@ -264,6 +264,14 @@ class VLConfig:
         return self.text.resolved_head_dim
 
     @property
+    def eos_token_id(self) -> int | None:
+        return self.text.eos_token_id
+
+    @property
+    def pad_token_id(self) -> int | None:
+        return self.text.pad_token_id
+
+    @property
     def num_nextn_predict_layers(self) -> int:
         return 0  # ERNIE 4.5 VL has no multi-token-prediction head
 

@@ -11,7 +11,7 @@ import jax
 from flax import nnx
 
 import sharding
-from ernie_jax.layers import MLP, Attention, RMSNorm
+from ernie_jax.layers import MLP, Attention, LayerKV, RMSNorm, cached_attention
 from ernie_jax.model import REMAT_POLICIES
 from ernie_jax.options import ModelOptions
 from ernie_jax.vl.config import MlpKind, VLTextConfig
@@ -28,6 +28,19 @@ class MRopeAttention(Attention):
         q = rotate_pairs(q, angles)
         k = rotate_pairs(k, angles)
         return self._project_out(self._attend(q, k, v, segment_ids))
+
+    def cached(self, x, angles, layer_cache: LayerKV, fill, row_start) -> tuple[jax.Array, LayerKV]:
+        """T new tokens over a KV cache (generation), as the text models' `Attention.cached` but with 3D-RoPE
+        angles [B, T, H/2]: keys and values go to slots fill .. fill+T-1 of every (left-padded) row."""
+        q, k, v = self._project_qkv(x)
+        q, k = rotate_pairs(q, angles), rotate_pairs(k, angles)
+        keys = jax.lax.dynamic_update_slice_in_dim(layer_cache.keys, k.astype(layer_cache.keys.dtype), fill, axis=1)
+        values = jax.lax.dynamic_update_slice_in_dim(
+            layer_cache.values, v.astype(layer_cache.values.dtype), fill, axis=1
+        )
+        keys = sharding.shard(keys, "batch", "seq", "kv_heads", "head_dim")  # [B, S, K, H]
+        values = sharding.shard(values, "batch", "seq", "kv_heads", "head_dim")
+        return self._project_out(cached_attention(q, keys, values, fill, row_start)), LayerKV(keys, values)
 
 
 class VLDecoderLayer(nnx.Module):
@@ -56,6 +69,14 @@ class VLDecoderLayer(nnx.Module):
         else:
             y, stats = self.ffn(normed), None
         return h + y.astype(h.dtype), stats
+
+    def cached(self, h, angles, layer_cache: LayerKV, fill, row_start, is_vision) -> tuple[jax.Array, LayerKV]:
+        """The same block over new tokens with a KV cache (generation); MoE layers stay dropless."""
+        attn_out, layer_cache = self.attn.cached(self.input_norm(h), angles, layer_cache, fill, row_start)
+        h = h + attn_out.astype(h.dtype)  # [B, T, D]
+        normed = self.post_attn_norm(h)
+        y = self.ffn(normed, is_vision, None)[0] if self.kind == "sparse" else self.ffn(normed)
+        return h + y.astype(h.dtype), layer_cache
 
 
 class PoolSite:
@@ -98,3 +119,16 @@ class DecoderGroup(nnx.Module):
         if self.options.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.options.remat], prevent_cse=False)
         return jax.lax.scan(body, h, state)
+
+    def cached(self, h, angles, group_cache: LayerKV, fill, row_start, is_vision) -> tuple[jax.Array, LayerKV]:
+        """Scan the layers with their caches (stacked [R, B, S, K, H]) as inputs and the updated caches as outputs."""
+        graphdef, state = nnx.split(self.layer)
+
+        def body(carry, layer_inputs):
+            layer_state, layer_cache = layer_inputs
+            carry, layer_cache = nnx.merge(graphdef, layer_state).cached(
+                carry, angles, layer_cache, fill, row_start, is_vision
+            )
+            return sharding.shard(carry, "batch", "seq", "act_embed"), layer_cache
+
+        return jax.lax.scan(body, h, (state, group_cache))

@@ -20,7 +20,8 @@ import numpy as np
 from flax import nnx
 
 import sharding
-from ernie_jax.layers import RMSNorm, make_param, normal_init
+from ernie_jax.layers import LayerKV, RMSNorm, make_param, normal_init
+from ernie_jax.model import KVCache
 from ernie_jax.moe import RouterStats
 from ernie_jax.options import ModelOptions
 from ernie_jax.vl.config import VLConfig
@@ -195,6 +196,54 @@ class ErnieVLForConditionalGeneration(nnx.Module):
         if self.lm_head is None:
             return jnp.einsum("BTD,VD->BTV", h, self.embed[...].astype(self.dtype))
         return jnp.einsum("BTD,DV->BTV", h, self.lm_head[...].astype(self.dtype))
+
+    def init_cache(self, batch: int, size: int, row_start: jax.Array | None = None, dtype=None) -> KVCache:
+        """An empty KV cache of `size` slots per row (the text models' KVCache: per decoder group one LayerKV,
+        keys and values [R, B, S, K, H]); row_start [B]: each row's left-padding slots."""
+        text = self.config.text
+        shape = (batch, size, text.num_key_value_heads, text.resolved_head_dim)
+        dtype = self.dtype if dtype is None else dtype
+
+        def empty(repeats):
+            zeros = jnp.zeros((repeats, *shape), dtype)
+            return sharding.shard(zeros, "layers", "batch", "seq", "kv_heads", "head_dim")
+
+        layers = tuple((LayerKV(empty(repeats), empty(repeats)),) for _, repeats in text.layer_groups)
+        row_start = jnp.zeros((batch,), jnp.int32) if row_start is None else row_start.astype(jnp.int32)
+        return KVCache(layers, jnp.zeros((), jnp.int32), row_start)
+
+    def forward_cached(
+        self,
+        input_ids: jax.Array,
+        positions: jax.Array,
+        cache: KVCache,
+        *,
+        token_types: jax.Array | None = None,
+        pixel_values: jax.Array | None = None,
+        patch_frames: jax.Array | None = None,
+        patch_rows: jax.Array | None = None,
+        patch_cols: jax.Array | None = None,
+    ) -> tuple[jax.Array, KVCache]:
+        """T new tokens per row through the model with a KV cache (ernie_jax.generation): the prompts' prefill,
+        with their images as packed rows (see __call__) and 3D positions [3, B, T], or a decode step of text
+        tokens (positions [B, T], the same on the three axes). Returns the final-normed hidden states [B, T, D]
+        and the cache with T more slots filled."""
+        h = jnp.take(self.embed[...], input_ids, axis=0).astype(self.dtype)  # [B, T, D]
+        if pixel_values is not None:
+            features = self.resampler.packed(self.vision.packed(pixel_values, patch_frames, patch_rows, patch_cols))
+            h = scatter_rows(h, input_ids == self.config.image_token_id, features)
+        h = sharding.shard(h, "batch", "seq", "act_embed")
+        b, t = input_ids.shape
+        positions = jnp.broadcast_to(positions, (3, b, t)) if positions.ndim == 2 else positions
+        text = self.config.text
+        angles = mrope_angles(positions, text.resolved_head_dim, text.rope_theta, text.mrope_section)
+        is_vision = jnp.zeros((b, t), bool) if token_types is None else token_types != 0
+        layers = []
+        for group, (group_cache,) in zip(self.groups, cache.layers, strict=True):
+            h, group_cache = group.cached(h, angles, group_cache, cache.fill, cache.row_start, is_vision)
+            layers.append((group_cache,))
+        h = self.final_norm(h).astype(self.dtype)
+        return h, cache._replace(layers=tuple(layers), fill=cache.fill + t)
 
     def _packed(self, input_ids, segment_ids, positions, positions_h, positions_w, token_types, pixel_values,
                 patch_frames, patch_rows, patch_cols, *, return_aux: bool, return_hidden: bool):  # fmt: skip
