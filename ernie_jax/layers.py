@@ -17,6 +17,7 @@ from flax import nnx
 import pallas_kernels
 import sharding
 from ernie_jax.config import ErnieConfig
+from ernie_jax.lora import dropout_keys
 from ernie_jax.options import ModelOptions
 from ernie_jax.quant import weight_value
 
@@ -146,15 +147,18 @@ class Attention(nnx.Module):
             self.bv = make_param(rngs, zeros_init, (kv, h), ("kv_heads", "head_dim"), param_dtype, stack, **no_decay)
             self.bo = make_param(rngs, zeros_init, (d,), ("embed",), param_dtype, stack)
 
-    def _project_qkv(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Queries [B, T, N, H] and keys, values [B, T, K, H], before any rotary embedding."""
+    def _project_qkv(self, x: jax.Array, dropout_key=None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Queries [B, T, N, H] and keys, values [B, T, K, H], before any rotary embedding.
+
+        dropout_key: the LoRA adapters' dropout key in training (None: no dropout)."""
         x = x.astype(self.dtype)  # [B, T, D]
         q = jnp.einsum("BTD,DNH->BTNH", x, weight_value(self.wq, self.dtype))
         k = jnp.einsum("BTD,DKH->BTKH", x, weight_value(self.wk, self.dtype))
         v = jnp.einsum("BTD,DKH->BTKH", x, weight_value(self.wv, self.dtype))
+        adapters = (self.wq_lora, self.wk_lora, self.wv_lora)
         q, k, v = (
-            y if adapter is None else y + adapter(x)  # [B, T, N or K, H]
-            for y, adapter in ((q, self.wq_lora), (k, self.wk_lora), (v, self.wv_lora))
+            y if adapter is None else y + adapter(x, key)  # [B, T, N or K, H]
+            for y, adapter, key in zip((q, k, v), adapters, dropout_keys(dropout_key, 3), strict=True)
         )
         if self.use_bias:
             q = q + self.bq[...].astype(self.dtype)
@@ -162,9 +166,9 @@ class Attention(nnx.Module):
             v = v + self.bv[...].astype(self.dtype)
         return q, k, v
 
-    def _rotated_qkv(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def _rotated_qkv(self, x: jax.Array, positions: jax.Array, dropout_key=None) -> tuple[jax.Array, ...]:
         """`_project_qkv` with ERNIE's interleaved RoPE applied to queries and keys at `positions` [B, T]."""
-        q, k, v = self._project_qkv(x)
+        q, k, v = self._project_qkv(x, dropout_key)
         q = apply_interleaved_rope(q, positions, self.rope_theta)
         k = apply_interleaved_rope(k, positions, self.rope_theta)
         return q, k, v
@@ -172,18 +176,20 @@ class Attention(nnx.Module):
     def _attend(self, q, k, v, segment_ids: jax.Array | None) -> jax.Array:
         return attention_kernel(q, k, v, segment_ids, self.options)
 
-    def _project_out(self, out: jax.Array) -> jax.Array:
+    def _project_out(self, out: jax.Array, dropout_key=None) -> jax.Array:
         out = out.astype(self.dtype)  # [B, T, N, H]
         y = jnp.einsum("BTNH,NHD->BTD", out, weight_value(self.wo, self.dtype))
         if self.wo_lora is not None:
-            y = y + self.wo_lora(out)
+            y = y + self.wo_lora(out, dropout_key)
         if self.use_bias:
             y = y + self.bo[...].astype(self.dtype)
         return y
 
-    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
-        q, k, v = self._rotated_qkv(x, positions)
-        return self._project_out(self._attend(q, k, v, segment_ids))
+    def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None, dropout_key=None):
+        """x [B, T, D] -> [B, T, D]; dropout_key: the LoRA adapters' dropout key in training (None: none)."""
+        in_key, out_key = dropout_keys(dropout_key, 2)
+        q, k, v = self._rotated_qkv(x, positions, in_key)
+        return self._project_out(self._attend(q, k, v, segment_ids), out_key)
 
     def cached(
         self,
@@ -286,21 +292,23 @@ class MLP(nnx.Module):
             self.up_bias = make_param(rngs, zeros_init, (width,), (axis,), param_dtype, stack)
             self.down_bias = make_param(rngs, zeros_init, (d,), ("embed",), param_dtype, stack)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+        """x [..., D] -> [..., D]; dropout_key: the LoRA adapters' dropout key in training (None: none)."""
+        gate_key, up_key, down_key = dropout_keys(dropout_key, 3)
         x = x.astype(self.dtype)  # [..., D]
         gate = jnp.einsum("...D,DF->...F", x, weight_value(self.gate, self.dtype))
         up = jnp.einsum("...D,DF->...F", x, weight_value(self.up, self.dtype))
         if self.gate_lora is not None:
-            gate = gate + self.gate_lora(x)
+            gate = gate + self.gate_lora(x, gate_key)
         if self.up_lora is not None:
-            up = up + self.up_lora(x)
+            up = up + self.up_lora(x, up_key)
         if self.use_bias:
             gate = gate + self.gate_bias[...].astype(self.dtype)
             up = up + self.up_bias[...].astype(self.dtype)
         hidden = jax.nn.silu(gate) * up  # [..., F]
         y = jnp.einsum("...F,FD->...D", hidden, weight_value(self.down, self.dtype))
         if self.down_lora is not None:
-            y = y + self.down_lora(hidden)
+            y = y + self.down_lora(hidden, down_key)
         if self.use_bias:
             y = y + self.down_bias[...].astype(self.dtype)
         return y

@@ -11,7 +11,10 @@ scanned in layer groups stacks its adapters on the same leading [R] axis as the 
 Attention, dense MLP and shared experts apply the adapter unmerged: y = x W + s (x A) B. Routed experts fold it into
 the expert weights before the grouped matmul, W_e + s A_e B_e, which is the same product per expert and lets the
 dropless, Pallas and expert-parallel paths (sharding/) run unchanged; its cost is one [E, D, F] temporary per
-adapted expert weight per layer.
+adapted expert weight per layer. Adapter dropout (`lora.dropout`, training only) drops elements of the unmerged
+adapters' input x; the folded expert adapters have no such input, so dropout with `experts` targeted is refused.
+The train step derives the dropout keys from the run's seed and the step number, so a resumed run draws the same
+masks as an uninterrupted one.
 
 The adapter of a weight attribute `w` lives in the attribute `w_lora` of the same module (None when absent).
 """
@@ -54,7 +57,7 @@ class LoRAConfig:
     rank: int = 0  # 0 disables LoRA (full fine-tuning)
     alpha: float | None = None  # None: 2 * rank
     targets: tuple[str, ...] = ALL_TARGETS
-    dropout: float = 0.0
+    dropout: float = 0.0  # dropout on each adapter's input x, in training only (PEFT's lora_dropout)
     rslora: bool = False  # scale alpha / sqrt(rank) instead of alpha / rank
     # The frozen base's decoder matmul weights: "param" as loaded (fp32 master weights), "bfloat16", or quantized
     # (ernie_jax.quant) "int8" / "nf4": QLoRA. Router, norms, embeddings and the LM head stay as loaded.
@@ -68,8 +71,6 @@ class LoRAConfig:
             raise ConfigError(f"lora.targets: unknown {unknown}; choose from {', '.join(ALL_TARGETS)}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"lora.dropout: must be in [0, 1), got {self.dropout}")
-        if self.dropout:
-            raise ConfigError("lora.dropout: adapter dropout is not implemented yet; use lora.dropout=0")
         if self.base_dtype not in BASE_DTYPES:
             raise ConfigError(f"lora.base_dtype: one of {', '.join(BASE_DTYPES)}, got {self.base_dtype!r}")
         if self.base_dtype != "param" and not self.enabled:
@@ -118,9 +119,16 @@ class LoRAAdapter(nnx.Module):
         self.b = LoRAParam(b, logical_axes=(*lead_axes, None, *out_axes), weight_decay=True)
         self.in_ndim = in_ndim
         self.scale = cfg.scale
+        self.dropout = cfg.dropout
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """s * (x A) B for x [..., *in] -> [..., *out], in x's dtype (unstacked adapter, no lead axis)."""
+    def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+        """s * (dropout(x) A) B for x [..., *in] -> [..., *out], in x's dtype (unstacked adapter, no lead axis).
+
+        dropout_key: None (evaluation, generation) applies no dropout; a key drops each input element with
+        probability `dropout` and scales the kept ones by 1 / (1 - dropout), as PEFT's lora_dropout does."""
+        if dropout_key is not None and self.dropout:
+            keep = jax.random.bernoulli(dropout_key, 1.0 - self.dropout, x.shape)
+            x = jnp.where(keep, x / jnp.asarray(1.0 - self.dropout, x.dtype), jnp.zeros((), x.dtype))
         low = jnp.tensordot(x, self.a[...].astype(x.dtype), axes=self.in_ndim)  # [..., r]
         return jnp.tensordot(low, self.b[...].astype(x.dtype), axes=1) * jnp.asarray(self.scale, x.dtype)
 
@@ -140,6 +148,11 @@ def adapted(weight: nnx.Param | QuantizedWeight, adapter: LoRAAdapter | None, dt
     if adapter is None:
         return weight_value(weight, dtype)
     return (weight_value(weight, jnp.float32) + adapter.delta()).astype(dtype)
+
+
+def dropout_keys(key: jax.Array | None, count: int) -> list[jax.Array | None]:
+    """`count` independent keys from `key` (one per adapter of a module), or Nones when there is no key."""
+    return [None if key is None else jax.random.fold_in(key, i) for i in range(count)]
 
 
 def _targets(model, cfg: LoRAConfig):
@@ -166,8 +179,15 @@ def add_adapters(model, cfg: LoRAConfig, *, seed: int = 0, mesh=None):
     """Attach fresh adapters (B = 0) to `model` in place, placed on `mesh` by their logical axes; returns model."""
     if not cfg.enabled:
         return model
+    targets = _targets(model, cfg)
+    if cfg.dropout and any(lead_ndim for _, _, _, lead_ndim, _ in targets):
+        raise ConfigError(
+            "lora.dropout: routed-expert adapters are folded into the expert weights, where dropout on a token's "
+            "input has no equivalent (PEFT refuses lora_dropout on expert parameters too); set lora.dropout=0, or "
+            "leave the experts out: lora.targets=" + ",".join(t for t in cfg.targets if t != "experts")
+        )
     key = jax.random.key(seed)
-    for i, (module, name, stack_ndim, lead_ndim, in_ndim) in enumerate(_targets(model, cfg)):
+    for i, (module, name, stack_ndim, lead_ndim, in_ndim) in enumerate(targets):
         adapter = LoRAAdapter(
             getattr(module, name),
             stack_ndim=stack_ndim,

@@ -17,6 +17,7 @@ from flax import nnx
 import sharding
 from ernie_jax.config import ErnieConfig, LayerKind
 from ernie_jax.layers import MLP, Attention, LayerKV, RMSNorm, make_param, normal_init, zeros_init
+from ernie_jax.lora import dropout_keys
 from ernie_jax.moe import MoEBlock, RouterStats
 from ernie_jax.options import REMAT_CHOICES, ModelOptions
 
@@ -56,13 +57,14 @@ class DecoderLayer(nnx.Module):
         else:
             self.ffn = MLP(cfg, cfg.intermediate_size, use_bias=cfg.use_bias, **common)
 
-    def __call__(self, h, positions, segment_ids, token_mask) -> tuple[jax.Array, RouterStats | None]:
-        h = h + self.attn(self.input_norm(h), positions, segment_ids).astype(h.dtype)  # [B, T, D]
+    def __call__(self, h, positions, segment_ids, token_mask, dropout_key=None) -> tuple[jax.Array, RouterStats | None]:
+        attn_key, ffn_key = dropout_keys(dropout_key, 2)
+        h = h + self.attn(self.input_norm(h), positions, segment_ids, attn_key).astype(h.dtype)  # [B, T, D]
         normed = self.post_attn_norm(h)
         if self.kind == "moe":
-            y, stats = self.ffn(normed, token_mask)
+            y, stats = self.ffn(normed, token_mask, ffn_key)
         else:
-            y, stats = self.ffn(normed), None
+            y, stats = self.ffn(normed, ffn_key), None
         return h + y.astype(h.dtype), stats
 
     def cached(self, h, positions, layer_cache: LayerKV, fill, row_start, slot_ok=None) -> tuple[jax.Array, LayerKV]:
@@ -96,20 +98,24 @@ class LayerGroup(nnx.Module):
             for kind in pattern
         )
 
-    def __call__(self, h, positions, segment_ids, token_mask):
+    def __call__(self, h, positions, segment_ids, token_mask, dropout_key=None):
+        """dropout_key: the LoRA adapters' dropout key in training, split over the repeats (None: no dropout)."""
         graphdef, state = nnx.split(self.layers)
+        # One key per repeat, scanned with its layers' parameters; None scans as an empty pytree.
+        repeat_keys = None if dropout_key is None else jax.random.split(dropout_key, self.repeats)
 
-        def body(carry, layer_state):
+        def body(carry, layer_inputs):
+            layer_state, repeat_key = layer_inputs
             layers = nnx.merge(graphdef, layer_state)
             stats = []
-            for layer in layers:
-                carry, layer_stats = layer(carry, positions, segment_ids, token_mask)
+            for layer, key in zip(layers, dropout_keys(repeat_key, len(layers)), strict=True):
+                carry, layer_stats = layer(carry, positions, segment_ids, token_mask, key)
                 stats.append(layer_stats)
             return sharding.shard(carry, "batch", "seq", "act_embed"), tuple(stats)
 
         if self.options.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.options.remat], prevent_cse=False)
-        h, stats = jax.lax.scan(body, h, state)  # stats: per pattern position, stacked [R, ...] or None
+        h, stats = jax.lax.scan(body, h, (state, repeat_keys))  # stats: per pattern position, [R, ...] or None
         return h, stats
 
     def cached(self, h, positions, group_cache: tuple[LayerKV, ...], fill, row_start, slot_ok=None):
@@ -213,6 +219,7 @@ class ErnieForCausalLM(nnx.Module):
         return_hidden: bool = False,
         return_mtp_logits: bool = False,
         mtp_input_ids: jax.Array | None = None,
+        dropout_key: jax.Array | None = None,
     ) -> jax.Array | tuple:
         """Args:
         input_ids: [B, T] int tokens.
@@ -227,6 +234,8 @@ class ErnieForCausalLM(nnx.Module):
             predicts token t + d + 2, so it has T - d - 1 positions (the tokens it embeds must exist).
         mtp_input_ids: [B, T + n] the tokens the MTP depths embed, when the caller has n more than input_ids
             (training rows carry T + mtp.depth tokens): then every depth gets min(T, T + n - d - 1) positions.
+        dropout_key: a key for the LoRA adapters' dropout (`lora.dropout`), given in training only; None (the
+            default, for evaluation and generation) applies no dropout.
         """
         b, t = input_ids.shape
         if positions is None:
@@ -240,8 +249,8 @@ class ErnieForCausalLM(nnx.Module):
             segment_ids = valid.astype(jnp.int32) if segment_ids is None else jnp.where(valid, segment_ids, 0)
         h = self.embed_tokens(input_ids)  # [B, T, D]
         router_stats = []
-        for group in self.groups:
-            h, stats = group(h, positions, segment_ids, token_mask)
+        for group, group_key in zip(self.groups, dropout_keys(dropout_key, len(self.groups)), strict=True):
+            h, stats = group(h, positions, segment_ids, token_mask, group_key)
             router_stats.append(stats)
         last = h  # the last layer's output: what the first MTP depth reads (before the final norm)
         h = self.final_norm(h).astype(self.dtype)  # [B, T, D]

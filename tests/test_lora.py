@@ -126,6 +126,53 @@ def test_only_adapters_get_gradients_and_optimizer_state():
             assert np.any(np.asarray(a.get_value()) != np.asarray(b.get_value())), f"adapter {path} did not train"
 
 
+NON_EXPERT_TARGETS = "lora.targets=" + ",".join(t for t in ALL_TARGETS if t != "experts")
+
+
+def test_adapter_dropout_drops_inputs_unbiased_and_only_with_a_key():
+    _, model = lora_model(TINY_DENSE, LoRAConfig(rank=4, dropout=0.25, targets=("q_proj",)), perturb=0.5)
+    (_, _, adapter), *_ = adapters(model)
+    layer = jax.tree.map(lambda v: v[0], nnx.state(adapter))  # the first layer's adapter (stacked over layers)
+    one = nnx.merge(nnx.graphdef(adapter), layer)
+    x = jax.random.normal(jax.random.key(0), (3, TINY_DENSE.hidden_size))
+    exact = np.asarray(one(x))
+    assert np.array_equal(np.asarray(one(x, None)), exact)  # no key: evaluation and generation never drop
+    keys = jax.random.split(jax.random.key(1), 4000)
+    dropped = np.asarray(jax.vmap(lambda k: one(x, k))(keys))  # [K, 3, N, H]
+    assert not np.allclose(dropped[0], exact) and not np.allclose(dropped[0], dropped[1])
+    # The adapter is linear in its input, so inverted dropout (kept inputs scaled by 1/(1-p)) is unbiased.
+    np.testing.assert_allclose(dropped.mean(axis=0), exact, atol=0.06 * np.abs(exact).max())
+    kept = np.asarray(jax.vmap(lambda k: jax.random.bernoulli(k, 0.75, x.shape))(keys)).mean()
+    assert abs(kept - 0.75) < 0.01
+
+
+def test_adapter_dropout_in_the_train_step_follows_the_step_number():
+    """The step draws its dropout masks from (seed, step): the same step twice is bitwise equal, another step or no
+    dropout trains the adapters differently."""
+    updates = {}
+    for name, extra in {"p0": ("lora.dropout=0",), "p5": ("lora.dropout=0.5",)}.items():
+        cfg, graphdef, params, biases, trainable, optimizer, batch = _step_pieces(
+            NON_EXPERT_TARGETS, "optim.warmup_steps=0", *extra
+        )
+        step = jax.jit(make_train_step(graphdef, cfg, optimizer))
+        for i in (0, 0, 1):
+            new_params, *_ = step(params, biases, optimizer.init(trainable), batch, jnp.int32(i))
+            updates.setdefault(name, []).append(jax.tree.leaves(nnx.filter_state(new_params, LoRAParam)))
+    same = lambda a, b: all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b, strict=True))
+    p0, p5 = updates["p0"], updates["p5"]
+    assert same(p0[0], p0[2]), "without dropout the step number must not matter"
+    assert same(p5[0], p5[1]), "the same step must draw the same masks"
+    assert not same(p5[0], p5[2]), "another step must draw other masks"
+    assert not same(p5[0], p0[0]), "dropout had no effect"
+
+
+def test_adapter_dropout_on_routed_experts_is_refused():
+    model = ErnieForCausalLM(TINY_MOE, rngs=nnx.Rngs(0))
+    with pytest.raises(ConfigError, match="lora.dropout.*lora.targets=q_proj"):
+        add_adapters(model, LoRAConfig(rank=4, dropout=0.1))
+    add_adapters(model, LoRAConfig(rank=4, dropout=0.1, targets=("q_proj", "gate_proj")))  # shared experts: fine
+
+
 def test_lora_on_the_mesh_equals_one_device():
     """Logits and adapter gradients of a perturbed LoRA MoE on {data 2 x expert 4} equal one device's."""
     _, model = lora_model(TINY_MOE, LoRAConfig(rank=4), perturb=0.05)
@@ -174,9 +221,11 @@ def _losses(run_dir) -> dict[int, float]:
 
 @pytest.mark.slow  # three trainer runs: about 45 s on 2 cores
 def test_lora_resume_is_exact(tmp_path):
-    train_mod.train(_trainer_cfg(tmp_path / "full", "steps=4", "checkpoint.every=2"), progress=False)
-    train_mod.train(_trainer_cfg(tmp_path / "cut", "steps=2", "checkpoint.every=2"), progress=False)
-    resumed = train_mod.train(_trainer_cfg(tmp_path / "cut", "steps=4", "checkpoint.every=2"), progress=False)
+    """With adapter dropout too: the resumed run draws the same masks as the uninterrupted one."""
+    drop = ("lora.dropout=0.1", NON_EXPERT_TARGETS)
+    train_mod.train(_trainer_cfg(tmp_path / "full", "steps=4", "checkpoint.every=2", *drop), progress=False)
+    train_mod.train(_trainer_cfg(tmp_path / "cut", "steps=2", "checkpoint.every=2", *drop), progress=False)
+    resumed = train_mod.train(_trainer_cfg(tmp_path / "cut", "steps=4", "checkpoint.every=2", *drop), progress=False)
     assert resumed["start_step"] == 2
     full, cut = _losses(tmp_path / "full"), _losses(tmp_path / "cut")
     assert [full[s] for s in (3, 4)] == [cut[s] for s in (3, 4)], (full, cut)  # bitwise on CPU

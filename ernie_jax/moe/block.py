@@ -132,13 +132,16 @@ class MoEBlock(RoutedExperts):
             MLP(cfg, cfg.shared_expert_size, use_bias=cfg.use_bias, **common) if cfg.moe_num_shared_experts else None
         )
 
-    def __call__(self, x: jax.Array, token_mask: jax.Array | None = None) -> tuple[jax.Array, RouterStats]:
-        """x [B, T, D]; token_mask [B, T] (1 = real token) -> ([B, T, D], RouterStats over the real tokens)."""
+    def __call__(
+        self, x: jax.Array, token_mask: jax.Array | None = None, dropout_key: jax.Array | None = None
+    ) -> tuple[jax.Array, RouterStats]:
+        """x [B, T, D]; token_mask [B, T] (1 = real token) -> ([B, T, D], RouterStats over the real tokens).
+        dropout_key: the shared experts' LoRA dropout key in training (None: none)."""
         b, t, d = x.shape
         flat = x.reshape(b * t, d).astype(self.dtype)  # [N, D]
         y, stats = self.route_and_run(flat, stats_mask=None if token_mask is None else token_mask.reshape(-1))
         if self.shared is not None:
-            y = y + self.shared(flat)
+            y = y + self.shared(flat, dropout_key)
         return y.reshape(b, t, d), stats
 
 

@@ -54,7 +54,7 @@ def make_train_step(graphdef: nnx.GraphDef, cfg: TrainConfig, optimizer: optax.G
 
     seq_len, depth = cfg.data.seq_len, cfg.mtp.depth
 
-    def loss_fn(trainable, frozen, biases, batch: Batch, num_tokens: jax.Array):
+    def loss_fn(trainable, frozen, biases, batch: Batch, num_tokens: jax.Array, dropout_key=None):
         model = nnx.merge(graphdef, trainable, frozen, biases)
         params = nnx.merge_state(trainable, frozen)
 
@@ -72,6 +72,7 @@ def make_train_step(graphdef: nnx.GraphDef, cfg: TrainConfig, optimizer: optax.G
             return_hidden=True,
             return_mtp_logits=bool(depth),
             mtp_input_ids=batch["input_ids"] if depth else None,
+            **({} if dropout_key is None else dict(dropout_key=dropout_key)),  # LoRA adapter dropout
         )
         h, mtp_hidden, aux = outputs if depth else (outputs[0], [], outputs[1])  # [B, T, D], depth x [B, T, D]
         ce_sum = ce_sum_of(h, main["targets"], main["loss_mask"])
@@ -103,19 +104,23 @@ def make_train_step(graphdef: nnx.GraphDef, cfg: TrainConfig, optimizer: optax.G
         masks = [batch["loss_mask"][:, :seq_len], *(mask for _, mask in mtp_targets(batch, seq_len, depth))]
         num_tokens = jnp.maximum(jnp.stack([jnp.sum(m) for m in masks]), 1.0)
         trainable, frozen = nnx.split_state(params, trainable_type, ...)  # frozen is empty unless LoRA
+        # Adapter dropout keys come from the seed and the step number alone, so a resumed run draws the same.
+        step_key = jax.random.fold_in(jax.random.key(cfg.seed), step_index) if cfg.lora.dropout else None
         if accum == 1:
-            (_, metrics_sum), grads_sum = grad_fn(trainable, frozen, biases, batch, num_tokens)
+            (_, metrics_sum), grads_sum = grad_fn(trainable, frozen, biases, batch, num_tokens, step_key)
         else:
             micro = jax.tree.map(lambda x: x.reshape(accum, x.shape[0] // accum, *x.shape[1:]), batch)
+            micro_keys = None if step_key is None else jax.random.split(step_key, accum)
 
-            def one(carry, mb):
-                (_, metrics), grads = grad_fn(trainable, frozen, biases, mb, num_tokens)
+            def one(carry, inputs):
+                mb, key = inputs
+                (_, metrics), grads = grad_fn(trainable, frozen, biases, mb, num_tokens, key)
                 return jax.tree.map(jnp.add, carry, (grads, metrics)), None
 
             first = jax.tree.map(lambda x: x[0], micro)
             metrics_shape = jax.eval_shape(lambda: loss_fn(trainable, frozen, biases, first, num_tokens))[1]
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (trainable, metrics_shape))
-            (grads_sum, metrics_sum), _ = jax.lax.scan(one, zeros, micro)
+            (grads_sum, metrics_sum), _ = jax.lax.scan(one, zeros, (micro, micro_keys))
         grads = grads_sum
         ce = metrics_sum["ce_sum"] / num_tokens[0]
         loss = total_loss(coef, ce, metrics_sum["aux_loss"], metrics_sum["z_loss"], metrics_sum["ortho_loss"])
