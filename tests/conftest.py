@@ -12,9 +12,42 @@ import jax  # noqa: E402
 jax.config.update("jax_num_cpu_devices", 8)
 
 
+import gc  # noqa: E402
 import logging  # noqa: E402
 
 import pytest  # noqa: E402
+
+# XLA:CPU maps each compiled kernel's code and data into memory of its own, and frees it only when the executable
+# goes. A whole test session compiles thousands of programs: kept alive by jit caches, their mappings approached
+# Linux's per-process limit (vm.max_map_count, 65530 by default), where the next compile segfaulted in a full
+# run. So each test module leaves with the caches cleared, and a session that still nears the limit stops with this
+# explanation instead of a crash.
+MAP_COUNT_LIMIT = "/proc/sys/vm/max_map_count"
+
+
+def _map_counts() -> tuple[int, int] | None:
+    """(this process's memory mappings, the kernel's limit), or None where /proc does not say (not Linux)."""
+    try:
+        with open("/proc/self/maps") as maps, open(MAP_COUNT_LIMIT) as limit:
+            return sum(1 for _ in maps), int(limit.read())
+    except OSError:
+        return None
+
+
+@pytest.fixture(autouse=True, scope="module")
+def release_compiled_programs():
+    """After each test module: drop jit caches so XLA can free the executables (and their memory mappings)."""
+    yield
+    jax.clear_caches()
+    gc.collect()
+    counts = _map_counts()
+    if counts and counts[0] > 0.8 * counts[1]:
+        pytest.exit(
+            f"this test process holds {counts[0]} memory mappings of the {counts[1]} Linux allows "
+            f"({MAP_COUNT_LIMIT}); more compiles would crash XLA. Something keeps compiled programs alive "
+            "across test modules: find it, or raise the limit (sysctl -w vm.max_map_count=262144).",
+            returncode=3,
+        )
 
 
 @pytest.fixture
