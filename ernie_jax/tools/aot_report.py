@@ -163,7 +163,10 @@ def compile_report(cfg: TrainConfig, topology: str, dump_hlo: str | None = None)
     )
     cost = _cost(compiled)
     tokens = cfg.data.global_batch_size * cfg.data.seq_len
-    model_flops = model_flops_per_token(cfg.model, cfg.data.seq_len, mtp_depth=cfg.mtp.depth) * tokens
+    per_token = model_flops_per_token(
+        cfg.model, cfg.data.seq_len, mtp_depth=cfg.mtp.depth, vision_patches=cfg.data.vision_patches
+    )
+    model_flops = per_token * tokens
     peak_flops = chip.peak_bf16_flops
     xla_optimal_s = cost.get("optimal_seconds")
     hlo_text = compiled.as_text()

@@ -10,6 +10,7 @@ fields named. Params of other dtypes (another lora.base_dtype) are refused too.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from typing import Any
@@ -54,7 +55,7 @@ class TrainCheckpointer:
         seed: int,
         force: bool = False,
     ) -> bool:
-        meta = {"step": step, "seed": seed, "model": dataclasses.asdict(model), "param_dtypes": param_dtypes(params)}
+        meta = {"step": step, "seed": seed, "model": _as_json(model), "param_dtypes": param_dtypes(params)}
         items = dict(
             params=ocp.args.StandardSave(params),
             opt_state=ocp.args.StandardSave(opt_state),
@@ -80,7 +81,7 @@ class TrainCheckpointer:
                 f"{path}: not a readable ernie_jax training checkpoint ({_first_line(e)})"
             ) from e
         saved = meta.get("model", {})
-        diffs = {k: (saved.get(k), v) for k, v in dataclasses.asdict(model).items() if saved.get(k) != v}
+        diffs = {k: (saved.get(k), v) for k, v in _as_json(model).items() if saved.get(k) != v}
         if diffs:
             listed = ", ".join(f"model.{k}: checkpoint {a!r} vs run {b!r}" for k, (a, b) in sorted(diffs.items()))
             raise CheckpointMismatchError(
@@ -180,3 +181,9 @@ def _first_line(error: BaseException, limit: int = 300) -> str:
     text = str(error).strip().splitlines()
     line = text[0] if text else ""
     return f"{type(error).__name__}: {line[:limit]}"
+
+
+def _as_json(model) -> dict[str, Any]:
+    """The architecture as its JSON record reads back (tuples as lists, nested configs as dicts), so a saved record
+    and the run's compare equal when they are."""
+    return json.loads(json.dumps(dataclasses.asdict(model)))

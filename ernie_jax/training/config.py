@@ -18,6 +18,7 @@ from ernie_jax.config import ConfigError, ErnieConfig
 from ernie_jax.data import DataConfig
 from ernie_jax.lora import LoRAConfig
 from ernie_jax.options import KERNEL_IMPLEMENTATIONS, MOE_TRANSPORTS, REMAT_CHOICES, ModelOptions, OptionsError
+from ernie_jax.vl.config import VLConfig
 
 
 def _require(condition: bool, field: str, message: str) -> None:
@@ -120,7 +121,7 @@ class CheckpointConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     name: str
-    model: ErnieConfig
+    model: ErnieConfig | VLConfig  # a VLConfig trains ERNIE-4.5-VL (with data.format=vl_sft)
     data: DataConfig = DataConfig()
     mesh: MeshConfig = MeshConfig()
     optim: OptimConfig = OptimConfig()
@@ -179,6 +180,14 @@ class TrainConfig:
             f"{self.mtp.depth} but model.num_nextn_predict_layers={self.model.num_nextn_predict_layers}; set "
             f"model.num_nextn_predict_layers={self.mtp.depth} (a new MTP head) or lower mtp.depth",
         )
+        is_vl = isinstance(self.model, VLConfig)
+        _require(
+            is_vl == (self.data.format == "vl_sft"),
+            "data.format",
+            "vl_sft trains a VL model (a vl_* preset or --init-from-hf of an ERNIE-4.5-VL checkpoint) and a VL model "
+            f"trains on vl_sft rows; got data.format={self.data.format} for a {type(self.model).__name__} model",
+        )
+        _require(not (is_vl and self.lora.enabled), "lora.rank", "LoRA is not there yet for VL models; set lora.rank=0")
         _require(
             self.data.global_batch_size % self.optim.grad_accum == 0,
             "optim.grad_accum",

@@ -40,8 +40,10 @@ from ernie_jax.training.checkpointing import CheckpointMismatchError, TrainCheck
 from ernie_jax.training.config import TrainConfig, apply_overrides, describe_fields, list_presets, load_preset
 from ernie_jax.training.metrics import MetricsWriter, model_flops_per_token, peak_flops_per_device
 from ernie_jax.training.optim import lr_schedule
-from ernie_jax.training.state import batch_sharding, build_train_state, jit_train_step
+from ernie_jax.training.state import batch_shardings, build_train_state, jit_train_step
 from ernie_jax.training.step import as_metrics_dict
+from ernie_jax.vl import VLConfig
+from ernie_jax.vl.sft import check_image_tokens
 
 log = logging.getLogger("ernie_jax.train")
 
@@ -99,8 +101,8 @@ def check_devices(cfg: TrainConfig, name: str) -> None:
         )
 
 
-def place_batch(batch: dict[str, np.ndarray], batch_sharding) -> dict[str, jax.Array]:
-    return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
+def place_batch(batch: dict[str, np.ndarray], shardings: dict) -> dict[str, jax.Array]:
+    return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in batch.items()}
 
 
 class RunStopped(Exception):
@@ -248,6 +250,11 @@ def train(
     if model_cfg != cfg.model:
         log.info("Model architecture from %s differs from the preset's; using the checkpoint's", cfg.init_from_hf)
     check_vocab(model_cfg.vocab_size, tokenizer, cfg.data.tokenizer)
+    if isinstance(model_cfg, VLConfig):
+        try:
+            check_image_tokens(model_cfg, tokenizer)
+        except ValueError as e:
+            raise RunStopped(f"data.tokenizer: {e}", EXIT_CONFIG) from e
     graphdef, params, biases, opt_state = state.graphdef, state.params, state.biases, state.opt_state
     schedule = lr_schedule(cfg.optim, cfg.steps)  # the same schedule the optimizer uses, for logging
     if cfg.lora.enabled:
@@ -290,7 +297,7 @@ def train(
         )
         log.info("Resumed from %s at step %d", os.path.join(ckpt.directory, str(step)), step)
 
-    batch_sh = batch_sharding(cfg, mesh)
+    batch_sh = batch_shardings(cfg, mesh)
     step_fn = jit_train_step(cfg, state, mesh)
     del state  # the loop owns params, biases and opt_state from here (the step donates them)
 
@@ -304,7 +311,9 @@ def train(
 
     previous_handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     writer = MetricsWriter(cfg.run_dir, enabled=is_main, resume_step=step)
-    flops_per_token = model_flops_per_token(model_cfg, cfg.data.seq_len, mtp_depth=cfg.mtp.depth)
+    flops_per_token = model_flops_per_token(
+        model_cfg, cfg.data.seq_len, mtp_depth=cfg.mtp.depth, vision_patches=cfg.data.vision_patches
+    )
     peak, peak_source = peak_flops_per_device(jnp.dtype(cfg.dtype))
     log.info("MFU is measured against %.3g FLOP/s per device (%s)", peak, peak_source)
     tokens_per_step = cfg.data.global_batch_size * cfg.data.seq_len  # the main model's tokens (MTP reads ahead)
@@ -426,7 +435,7 @@ def train(
         )
         return summary
     model = nnx.merge(graphdef, params, biases)
-    if cfg.sample_tokens and is_main:
+    if cfg.sample_tokens and is_main and not isinstance(model_cfg, VLConfig):  # a text prompt: text models only
         with sharding.use_mesh(mesh):  # the model carries its run options (MoE transport included)
             prompt = [tokenizer.bos_id, *tokenizer.encode(cfg.sample_prompt)]
             ids = greedy(model, prompt, cfg.sample_tokens, eos_id=tokenizer.eos_id)

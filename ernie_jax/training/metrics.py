@@ -14,14 +14,18 @@ from ernie_jax.chips import chip_for_device_kind
 from ernie_jax.config import ErnieConfig
 
 
-def model_flops_per_token(cfg: ErnieConfig, seq_len: int, mtp_depth: int = 0) -> float:
+def model_flops_per_token(cfg: ErnieConfig, seq_len: int, mtp_depth: int = 0, vision_patches: int = 0) -> float:
     """Training FLOPs per token: 6 * active params (the head counted once) + causal attention scores and values;
-    each trained MTP depth adds its block, projection and another pass through the LM head."""
+    each trained MTP depth adds its block, projection and another pass through the LM head. A VL model
+    (`vision_patches` image patches per row of `seq_len` tokens) adds its vision tower and resampler per patch,
+    spread over the row's tokens, with attention counted as if the row's patches were one image (an upper bound)."""
     attn_layer = 6 * seq_len * cfg.num_attention_heads * cfg.resolved_head_dim  # causal: half of 12
     flops = 6.0 * cfg.num_active_params(include_embedding=True) + cfg.num_hidden_layers * attn_layer
     if mtp_depth:
         per_depth = cfg.mtp_params() // max(cfg.num_nextn_predict_layers, 1) + cfg.vocab_size * cfg.hidden_size
         flops += mtp_depth * (6.0 * per_depth + attn_layer)
+    if vision_patches:
+        flops += vision_patches * cfg.vision_flops_per_patch(vision_patches) / seq_len
     return flops
 
 

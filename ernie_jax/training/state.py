@@ -29,7 +29,7 @@ from jax.sharding import Mesh, NamedSharding
 
 import sharding
 from ernie_jax.config import ConfigError, ErnieConfig
-from ernie_jax.data import BATCH_DTYPES, BATCH_KEYS
+from ernie_jax.data import BATCH_DTYPES, VL_BATCH_DTYPES, batch_keys
 from ernie_jax.hf.checkpoint import from_pretrained
 from ernie_jax.lora import add_adapters, convert_base
 from ernie_jax.model import ErnieForCausalLM
@@ -38,6 +38,7 @@ from ernie_jax.quant import QuantizedVariable
 from ernie_jax.training.config import TrainConfig
 from ernie_jax.training.optim import make_optimizer
 from ernie_jax.training.step import make_train_step, trainable_params
+from ernie_jax.vl import ErnieVLForConditionalGeneration, VLConfig
 
 
 @dataclasses.dataclass
@@ -65,8 +66,11 @@ def model_creator(cfg: TrainConfig, platform: str = "auto"):
     """A no-argument function building the preset's model (fp32 master weights, compute in cfg.dtype) with its
     LoRA adapters (B = 0) when lora.rank > 0, and its frozen base in lora.base_dtype."""
 
+    # The model class follows the config's type: an ErnieConfig is a text model, a VLConfig ERNIE-4.5-VL.
+    model_class = ErnieVLForConditionalGeneration if isinstance(cfg.model, VLConfig) else ErnieForCausalLM
+
     def create():
-        model = ErnieForCausalLM(
+        model = model_class(
             cfg.model,
             rngs=nnx.Rngs(cfg.seed),
             dtype=jnp.dtype(cfg.dtype),
@@ -177,17 +181,42 @@ def batch_sharding(cfg: TrainConfig, mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, spec)
 
 
+def batch_shapes(cfg: TrainConfig) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """(shape, dtype) of every array of the global batch (ernie_jax.data.schema): [B, T] for the text keys; VL
+    batches add [B, T] token keys and [B, P] / [B, P, C] image patch keys."""
+    rows, dtypes = cfg.data.global_batch_size, {**BATCH_DTYPES, **VL_BATCH_DTYPES}
+    out = {}
+    for key in batch_keys(cfg.data.format):
+        if key in ("pixel_values", "patch_frames", "patch_rows", "patch_cols"):
+            shape = (rows, cfg.data.vision_patches) + ((cfg.model.vision.patch_dim,) if key == "pixel_values" else ())
+        else:
+            shape = (rows, cfg.run_data.row_len)
+        out[key] = (shape, dtypes[key])
+    return out
+
+
+def batch_shardings(cfg: TrainConfig, mesh: Mesh) -> dict[str, NamedSharding]:
+    """Every batch array split over the batch axes by its rows (a pixel row [P, C] travels with its token row)."""
+    rows = batch_sharding(cfg, mesh)
+    return {
+        key: NamedSharding(mesh, jax.sharding.PartitionSpec(rows.spec[0], *(None,) * (len(shape) - 1)))
+        for key, (shape, _) in batch_shapes(cfg).items()
+    }
+
+
 def abstract_batch(cfg: TrainConfig, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
-    """The global batch of the schema (ernie_jax.data.BATCH_KEYS) as ShapeDtypeStructs on its sharding."""
-    shape = (cfg.data.global_batch_size, cfg.run_data.row_len)
-    sh = batch_sharding(cfg, mesh)
-    return {k: jax.ShapeDtypeStruct(shape, BATCH_DTYPES[k], sharding=sh) for k in BATCH_KEYS}
+    """The global batch of the schema (ernie_jax.data.schema) as ShapeDtypeStructs on its shardings."""
+    shardings = batch_shardings(cfg, mesh)
+    return {
+        key: jax.ShapeDtypeStruct(shape, dtype, sharding=shardings[key])
+        for key, (shape, dtype) in batch_shapes(cfg).items()
+    }
 
 
 def jit_train_step(cfg: TrainConfig, state: TrainState, mesh: Mesh):
     """The trainer's step, jitted with explicit in/out shardings (so it compiles once) and donated state:
     step(params, biases, opt_state, batch, step_index) -> (params, biases, opt_state, metrics)."""
-    batch_sh = {k: batch_sharding(cfg, mesh) for k in BATCH_KEYS}
+    batch_sh = batch_shardings(cfg, mesh)
     scalar_sh = sharding.replicated(mesh)
     shardings = (state.param_shardings, state.bias_shardings, state.opt_shardings)
     return jax.jit(

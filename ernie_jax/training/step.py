@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from ernie_jax.data import BATCH_KEYS
 from ernie_jax.lora import LoRAParam
 from ernie_jax.moe import CorrectionBias, update_correction_biases
 from ernie_jax.training.config import TrainConfig
@@ -42,6 +43,12 @@ def trainable_params(params: nnx.State, cfg: TrainConfig) -> nnx.State:
     return nnx.filter_state(params, trainable_filter(cfg))
 
 
+def modality_inputs(batch: Batch) -> Batch:
+    """The batch arrays past the text schema (a VL batch's 3D positions, token types and image patches), passed to
+    the model by their names (ernie_jax.data.schema); a text batch has none."""
+    return {key: value for key, value in batch.items() if key not in BATCH_KEYS}
+
+
 def make_train_step(graphdef: nnx.GraphDef, cfg: TrainConfig, optimizer: optax.GradientTransformation):
     """Returns step(params, biases, opt_state, batch) -> (params, biases, opt_state, metrics).
 
@@ -64,15 +71,16 @@ def make_train_step(graphdef: nnx.GraphDef, cfg: TrainConfig, optimizer: optax.G
             return cross_entropy_sum(model.logits_from_hidden(h), targets, mask)
 
         main = {k: v[:, :seq_len] for k, v in batch.items()} if depth else batch  # rows carry T + depth tokens
+        mtp = dict(return_mtp_logits=True, mtp_input_ids=batch["input_ids"]) if depth else {}
         outputs = model(
             main["input_ids"],
             positions=main["positions"],
             segment_ids=main["segment_ids"],
             return_aux=True,
             return_hidden=True,
-            return_mtp_logits=bool(depth),
-            mtp_input_ids=batch["input_ids"] if depth else None,
+            **mtp,
             **({} if dropout_key is None else dict(dropout_key=dropout_key)),  # LoRA adapter dropout
+            **modality_inputs(main),
         )
         h, mtp_hidden, aux = outputs if depth else (outputs[0], [], outputs[1])  # [B, T, D], depth x [B, T, D]
         ce_sum = ce_sum_of(h, main["targets"], main["loss_mask"])
