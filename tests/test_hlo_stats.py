@@ -11,7 +11,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ernie_jax.tools.hlo_stats import Module, roofline_seconds
+from ernie_jax.tools.hlo_stats import Module, op_times, roofline_seconds, seconds_by_kind
 from tests.helpers import tpu_topology_devices
 
 LAYERS = 6
@@ -54,6 +54,38 @@ def test_loop_bodies_weighted_by_trip_count_cpu():
     # Unweighted, it agrees with XLA's cost_analysis of the scanned program, which visits the body once.
     assert module.flops(weighted=False) == pytest.approx(_xla_flops(scanned), rel=FLOPS_RTOL)
     assert module.flops(weighted=False) < module.flops() / 2
+
+
+def test_op_times_name_the_slow_ops_and_add_up_to_the_roofline():
+    w = jax.ShapeDtypeStruct((LAYERS, 128, 128), jnp.float32)
+    x = jax.ShapeDtypeStruct((256, 128), jnp.float32)
+    scanned, _ = _compile_pair(w, x)
+    module = Module(scanned.as_text())
+    peak, hbm = 1e12, 1e11  # a chip where these small matmuls are memory-bound, so bytes decide their time
+    ops = op_times(module, peak, hbm)
+    assert [op.seconds for op in ops] == sorted((op.seconds for op in ops), reverse=True)
+    assert sum(op.seconds for op in ops) == pytest.approx(roofline_seconds(module, peak, hbm, 1e11)["compute_s"])
+    matmuls = [op for op in ops if op.kind == "matmul"]
+    assert sum(op.flops for op in matmuls) == pytest.approx(3 * LAYERS * 2 * 256 * 128 * 128, rel=1e-6)
+    assert {op.runs for op in matmuls} == {LAYERS}  # each in a loop body, run once per layer
+    for op in ops:
+        assert op.seconds == pytest.approx(max(op.flops / peak, op.bytes / hbm))
+        assert op.bound == ("compute" if op.flops / peak >= op.bytes / hbm else "memory")
+    by_kind = seconds_by_kind(ops)
+    assert sum(by_kind.values()) == pytest.approx(sum(op.seconds for op in ops))
+    assert "matmul" in by_kind
+
+
+def test_op_kinds_of_sort_gather_and_scatter():
+    def fn(x, idx):  # x [N, D], idx [N]
+        order = jnp.argsort(idx)
+        gathered = jnp.take(x, order, axis=0)
+        return jnp.zeros_like(x).at[order].add(gathered * 2.0)
+
+    compiled = jax.jit(fn).lower(jnp.zeros((512, 64)), jnp.zeros((512,), jnp.int32)).compile()
+    module = Module(compiled.as_text())
+    kinds = {op.kind for op in op_times(module, 1e12, 1e11)}
+    assert {"sort", "gather", "scatter"} <= kinds, kinds
 
 
 def _tpu_devices(topology: str = "v5p:2x2x1"):

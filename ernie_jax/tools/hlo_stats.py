@@ -345,12 +345,89 @@ class Module:
         return out
 
 
+# What a fusion does, by the opcodes inside it, most telling first: its kind in the roofline's breakdown.
+_FUSION_KINDS = (
+    (("dot", "convolution"), "matmul"),
+    (("sort",), "sort"),
+    (("scatter",), "scatter"),
+    (("gather",), "gather"),
+    (("dynamic-update-slice",), "dynamic-update-slice"),
+    (("dynamic-slice",), "dynamic-slice"),
+    (("reduce", "reduce-window"), "reduce"),
+)
+_OP_KINDS = {"copy": "copy", "transpose": "copy", **{op: kind for ops, kind in _FUSION_KINDS for op in ops}}
+
+
+def _fused_opcodes(module: Module, inst: Instruction) -> set[str]:
+    """The opcodes inside a fusion, through the fusions nested in it (XLA:TPU nests them)."""
+    found, pending = set(), list(inst.called("calls"))
+    while pending:
+        for inner in module.computations[pending.pop()].instructions:
+            found.add(inner.opcode)
+            if inner.opcode == "fusion":
+                pending += inner.called("calls")
+    return found
+
+
+def op_kind(module: Module, inst: Instruction) -> str:
+    """A top-level instruction's kind: "matmul", "sort", "scatter", "gather", "dynamic-update-slice",
+    "dynamic-slice", "reduce", "copy", "elementwise" (a fusion of none of those), "kernel:NAME" (a Pallas call),
+    or else its opcode."""
+    if inst.opcode == "custom-call":
+        return "kernel:" + re.sub(r"\.\d+$", "", inst.name)
+    if inst.opcode == "fusion":
+        inside = _fused_opcodes(module, inst)
+        return next((kind for opcodes, kind in _FUSION_KINDS if inside & set(opcodes)), "elementwise")
+    return _OP_KINDS.get(inst.opcode, inst.opcode)
+
+
+@dataclasses.dataclass(frozen=True)
+class OpTime:
+    """One top-level instruction's share of a step, per chip, over all the runs one step makes of it."""
+
+    name: str
+    kind: str  # op_kind
+    shape: str  # its result type without layouts, e.g. "bf16[8,4096,2560]"
+    runs: int  # times one step runs it (loop trip counts)
+    flops: float
+    bytes: float  # HBM traffic: operands plus result
+    seconds: float  # runs * max(FLOPs / peak, bytes / HBM bandwidth)
+    bound: str  # "compute" or "memory": which side of the max won
+
+
+def op_times(module: Module, peak_flops: float, hbm_bytes_per_s: float) -> list[OpTime]:
+    """Every top-level instruction that takes time in the roofline model, slowest first."""
+    out = []
+    for flops, traffic, n, inst in module.op_costs:
+        compute_s, memory_s = flops / peak_flops, traffic / hbm_bytes_per_s
+        if compute_s or memory_s:
+            out.append(
+                OpTime(
+                    name=inst.name,
+                    kind=op_kind(module, inst),
+                    shape=re.sub(r"\{[^}]*\}", "", inst.type_text),
+                    runs=n,
+                    flops=n * flops,
+                    bytes=n * traffic,
+                    seconds=n * max(compute_s, memory_s),
+                    bound="compute" if compute_s >= memory_s else "memory",
+                )
+            )
+    return sorted(out, key=lambda op: op.seconds, reverse=True)
+
+
+def seconds_by_kind(ops: list[OpTime]) -> dict[str, float]:
+    """The roofline compute time split by op kind, largest first."""
+    out: dict[str, float] = {}
+    for op in ops:
+        out[op.kind] = out.get(op.kind, 0.0) + op.seconds
+    return dict(sorted(out.items(), key=lambda item: item[1], reverse=True))
+
+
 def roofline_seconds(module: Module, peak_flops: float, hbm_bytes_per_s: float, ici_bytes_per_s: float) -> dict:
     """Step-time estimate per chip: each top-level instruction takes max(FLOPs / peak, bytes / HBM bandwidth)
     (XLA's own per-op model), collectives take result bytes / ICI bandwidth. `overlapped` assumes communication
     hides behind compute, `serial` that it does not."""
-    compute = 0.0
-    for flops, traffic, n, _ in module.op_costs:
-        compute += n * max(flops / peak_flops, traffic / hbm_bytes_per_s)
+    compute = sum(op.seconds for op in op_times(module, peak_flops, hbm_bytes_per_s))
     comm = sum(c["bytes"] for c in module.collectives().values()) / ici_bytes_per_s
     return {"compute_s": compute, "collective_s": comm, "overlapped_s": max(compute, comm), "serial_s": compute + comm}
