@@ -18,7 +18,7 @@ import grain
 import numpy as np
 from grain import experimental as grain_exp
 
-from ernie_jax.data.config import DataConfig
+from ernie_jax.data.config import BUILTIN_PYTHON_DOCS, DataConfig
 from ernie_jax.data.schema import make_batch
 from ernie_jax.data.sft import ConversationEncoder
 from ernie_jax.data.sources import DocumentSource, expand_sources, file_format
@@ -209,7 +209,7 @@ def make_iterator(cfg: DataConfig, *, process_index: int = 0, process_count: int
 def document_source(cfg: DataConfig) -> DocumentSource:
     files = expand_sources(cfg.sources)
     if cfg.format in ("sft", "vl_sft"):
-        not_jsonl = [f for f in files if file_format(f) != "jsonl"]
+        not_jsonl = [f for f in files if f == BUILTIN_PYTHON_DOCS or file_format(f) != "jsonl"]
         if not_jsonl:
             raise ValueError(f"data.format={cfg.format} reads jsonl conversations; not jsonl: {not_jsonl[:3]}")
         if cfg.format == "vl_sft":
