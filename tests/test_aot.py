@@ -54,6 +54,13 @@ def test_aot_reduced_a3b_step_fits_and_flops_in_band():
     assert not r["loops"]["unknown"]
     rf = r["roofline"]
     assert 0 < rf["compute_s"] <= rf["serial_s"] and 0 < r["roofline_mfu"]["serial"] <= r["roofline_mfu"]["overlapped"]
+    # Where the time goes: the kinds add up to the compute time, the Pallas kernels among them; the slowest ops.
+    by_kind = r["roofline_by_kind_s"]
+    assert sum(by_kind.values()) == pytest.approx(rf["compute_s"])
+    assert {"matmul", "kernel:ernie_gmm", "kernel:ernie_flash_fwd"} <= set(by_kind), by_kind
+    top = r["top_ops"]
+    assert len(top) == 12 and [op["seconds"] for op in top] == sorted((op["seconds"] for op in top), reverse=True)
+    assert "top 12 ops by roofline time" in format_report(r)
     coll = r["collectives"]
     assert coll["ragged-all-to-all"]["count"] > 0  # the preset's ragged_a2a expert transport
     assert coll["all-reduce"]["count"] > 0  # gradients of the replicated (non-expert) weights

@@ -25,6 +25,7 @@ os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
@@ -37,13 +38,14 @@ import sharding  # noqa: E402
 from ernie_jax.chips import CHIPS  # noqa: E402
 from ernie_jax.config import ConfigError  # noqa: E402
 from ernie_jax.tools.aot_decode import decode_report, default_decode_mesh, format_decode_report  # noqa: E402
-from ernie_jax.tools.hlo_stats import Module, roofline_seconds  # noqa: E402
+from ernie_jax.tools.hlo_stats import Module, op_times, roofline_seconds, seconds_by_kind  # noqa: E402
 from ernie_jax.training.config import TrainConfig, apply_overrides, load_preset  # noqa: E402
 from ernie_jax.training.metrics import model_flops_per_token  # noqa: E402
 from ernie_jax.training.state import abstract_batch, build_train_state, jit_train_step  # noqa: E402
 from sharding.mesh import MeshError  # noqa: E402
 from sharding.rules import ShardingError  # noqa: E402
 
+TOP_OPS = 12  # ops listed by roofline time in the report
 TPU_GENERATIONS = ("v4", "v5p", "v5e", "v6e")  # keys of ernie_jax.chips.CHIPS, also libtpu's names
 SHAPES_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8", 256: "4x8x8",
              512: "8x8x8", 1024: "8x8x16", 2048: "8x16x16", 4096: "16x16x16"}  # fmt: skip
@@ -176,6 +178,7 @@ def compile_report(cfg: TrainConfig, topology: str, dump_hlo: str | None = None)
     module = Module(hlo_text)  # every loop body weighted by its trip count (cost_analysis visits it once)
     compiled_flops = module.flops()  # of the SPMD-partitioned module: per chip
     roofline = roofline_seconds(module, peak_flops, chip.hbm_bytes_per_s, chip.ici_bytes_per_s)
+    ops = op_times(module, peak_flops, chip.hbm_bytes_per_s)
     model_per_chip = model_flops / chips
     return {
         **header,
@@ -203,6 +206,8 @@ def compile_report(cfg: TrainConfig, topology: str, dump_hlo: str | None = None)
         "peak_flops_per_chip": peak_flops,
         "xla_optimal_seconds": float(xla_optimal_s) if xla_optimal_s is not None else None,
         "roofline": roofline,
+        "roofline_by_kind_s": seconds_by_kind(ops),  # compute+HBM time by op kind; collectives are apart
+        "top_ops": [dataclasses.asdict(op) for op in ops[:TOP_OPS]],
         "roofline_mfu": {
             "overlapped": model_per_chip / (roofline["overlapped_s"] * peak_flops),
             "serial": model_per_chip / (roofline["serial_s"] * peak_flops),
@@ -277,6 +282,18 @@ def format_report(r: dict) -> str:
     for name, c in r["collectives"].items():
         if c["count"]:
             lines.append(f"    {name:18s} {c['count']:5d}  {c['bytes'] / 2**30:9.2f} GiB")
+    lines.append("  compute+HBM time by op kind: " + ", ".join(
+        f"{kind} {s * 1e3:.0f} ms ({s / rf['compute_s']:.0%})" for kind, s in r["roofline_by_kind_s"].items()
+        if s >= 0.005 * rf["compute_s"]
+    ))  # fmt: skip
+    lines.append(f"  top {len(r['top_ops'])} ops by roofline time (per step, loop bodies x trip count):")
+    lines.append(f"    {'ms':>7s} {'share':>6s} {'kind':22s} {'runs':>5s} {'GFLOP':>9s} {'GB':>8s}  bound    shape")
+    for op in r["top_ops"]:
+        lines.append(
+            f"    {op['seconds'] * 1e3:7.1f} {op['seconds'] / rf['compute_s']:6.1%} {op['kind'][:22]:22s} "
+            f"{op['runs']:5d} {op['flops'] / 1e9:9.1f} {op['bytes'] / 1e9:8.2f}  {op['bound']:7s}  "
+            f"{op['shape'][:60]}"
+        )
     if r["loops"]["unknown"]:
         lines.append(f"  note: trip counts unknown for {r['loops']['unknown']}: counted once")
     return "\n".join(lines)
