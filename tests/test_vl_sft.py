@@ -258,3 +258,43 @@ def test_vl_sft_trains_on_the_mesh_with_both_pools_expert_parallel_and_resumes(v
     # Both pools route on every MoE layer: text and vision rows of the expert load (2 MoE layers x 2 pools).
     assert len(lines[-1]["load_imbalance"]) == 4
     assert jax.device_count() == 8
+
+
+@pytest.mark.slow  # a transformers checkpoint, a short run and an export: about 40 s on 2 cores
+def test_vl_sft_from_a_transformers_checkpoint_exports_what_transformers_loads(vl_dir, tmp_path):
+    """--init-from-hf of a VL checkpoint transformers wrote, a few SFT steps, export_hf: transformers loads the
+    export and its logits equal ours on it; training changed them."""
+    import torch
+    from transformers import Ernie4_5_VLMoeConfig, Ernie4_5_VLMoeForConditionalGeneration
+
+    import ernie_jax
+    from ernie_jax.training import loop
+
+    text = dict(vocab_size=103424, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=1024, moe_num_experts=8, moe_k=2,
+                moe_intermediate_size=[32, 16], moe_num_shared_experts=1,
+                rope_parameters={"rope_type": "default", "mrope_section": [3, 3, 2]})  # fmt: skip
+    vision = dict(depth=2, hidden_size=64, num_heads=4, intermediate_size=128, patch_size=14)
+    torch.manual_seed(0)
+    base = Ernie4_5_VLMoeForConditionalGeneration(Ernie4_5_VLMoeConfig(text_config=text, vision_config=vision))
+    base.float().save_pretrained(tmp_path / "base")
+    src = _write_rows(vl_dir / "export.jsonl", 12)
+    overrides = [
+        f"init_from_hf={tmp_path / 'base'}",
+        f"data.sources={src}",
+        f"data.tokenizer={vl_dir}",
+        "steps=3",
+        "checkpoint.async_save=false",
+        f"run_dir={tmp_path / 'run'}",
+        f"export_hf={tmp_path / 'out'}",
+    ]
+    loop.train(apply_overrides(load_preset("vl_tiny"), overrides), "vl_tiny", progress=False)
+
+    ids = np.random.RandomState(0).randint(0, 1000, (1, 16))
+    exported = Ernie4_5_VLMoeForConditionalGeneration.from_pretrained(tmp_path / "out").float().eval()
+    with torch.no_grad():
+        ref, before = (m(input_ids=torch.as_tensor(ids)).logits.numpy() for m in (exported, base.eval()))
+    ours = np.asarray(ernie_jax.from_pretrained(tmp_path / "out", dtype=jnp.float32, progress=False)(jnp.asarray(ids)))
+    diff = assert_close(ours, ref, np.float32, "export")
+    print(f"[vl-sft] export after VL SFT, ours vs transformers: max|dlogit|={diff:.2e}")
+    assert np.abs(ref - before).max() > 0.1  # the steps changed the model that was exported
