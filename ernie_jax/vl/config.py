@@ -66,7 +66,8 @@ class VLTextConfig:
             len(self.mlp_layer_types) == self.num_hidden_layers,
             owner,
             "mlp_layer_types",
-            f"has {len(self.mlp_layer_types)} entries for {self.num_hidden_layers} layers",
+            f"has {len(self.mlp_layer_types)} entries for {self.num_hidden_layers} layers; give one per layer, e.g. "
+            f"mlp_layer_types={','.join(('dense',) + ('sparse',) * (self.num_hidden_layers - 1))} (layer 0 dense)",
         )
         bad = sorted(set(self.mlp_layer_types) - {"dense", "sparse"})
         _require(not bad, owner, "mlp_layer_types", f"entries must be 'dense' or 'sparse', got {bad}")
