@@ -90,6 +90,9 @@ def initialize_distributed(args: argparse.Namespace) -> None:
 
 def check_devices(cfg: TrainConfig, name: str) -> None:
     backend, count = jax.default_backend(), jax.device_count()
+    layers = "model.num_hidden_layers=2"
+    if isinstance(cfg.model, VLConfig):
+        layers = "model.text.num_hidden_layers=2 model.text.mlp_layer_types=dense,sparse model.vision.depth=2"
     if cfg.platform not in ("any", backend) or count < cfg.min_devices:
         raise SystemExit(
             f"--config={name} is meant for {cfg.min_devices} {cfg.platform.upper()} devices with mesh "
@@ -97,7 +100,7 @@ def check_devices(cfg: TrainConfig, name: str) -> None:
             f"  Launch it on each host of such a slice. Check that it compiles and fits from this host first:\n"
             f"  python -m ernie_jax.aot --config={name} --topology=v5p-128   (needs the tpu extra: libtpu)\n"
             f"  Or run a reduced copy here: python -m ernie_jax.train --config={name} platform=any min_devices=1 "
-            "mesh.fsdp=1 mesh.expert=1 model.num_hidden_layers=2 data.global_batch_size=8 data.seq_len=128"
+            f"mesh.fsdp=1 mesh.expert=1 {layers} data.global_batch_size=8 data.seq_len=128"
         )
 
 
