@@ -168,10 +168,10 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "shared_experts_weighted",
         "ernie_jax/moe/block.py",
-        "y = y + self.shared(flat)",
-        "y = y + self.shared(flat) * routing.weights[:, :1].astype(flat.dtype)",
+        "y = y + self.shared(flat, dropout_key)",
+        "y = y + 0.5 * self.shared(flat, dropout_key)",
         (REF + "test_moe_block_matches_numpy",),
-        "shared experts scaled by a router weight (ERNIE adds them unweighted)",
+        "shared experts scaled down (ERNIE adds them unweighted)",
     ),
     Mutation(
         "aux_counts_from_biased_selection",
@@ -256,8 +256,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "packing_positions_not_restarting",
         "ernie_jax/data/pipeline.py",
-        'positions=batch["input_ids_positions"],',
-        "positions=np.broadcast_to(np.arange(segment_ids.shape[-1]), segment_ids.shape),",
+        'positions=batch["positions"] if vision else batch["input_ids_positions"],',
+        'positions=batch["positions"] if vision else np.broadcast_to(np.arange(segment_ids.shape[1]), segment_ids.shape),',  # noqa: E501
         ("tests/test_data.py::test_packing_reconstructs_documents_exactly",),
         "a packed document's positions continue from the previous document's",
     ),
