@@ -19,9 +19,9 @@
 # allocated, no TPU is needed. Here the same report, `ernie_jax.tools.aot_report.compile_report`, is drawn:
 #
 # - bytes per chip by kind (parameters, optimizer state, temporaries, ...) against the chip's HBM;
-# - the roofline step time split by op kind (expert matmuls, attention, other matmuls, gathers, copies, ...) and
-#   by collective; each op costs max(FLOPs / peak, bytes / HBM bandwidth), each collective its bytes over one ICI
-#   link. A model to compare layouts, not a measurement.
+# - the roofline step time split by op kind (the report's `roofline_by_kind_s`: Pallas kernels by name, XLA
+#   matmuls, gathers, copies, elementwise fusions, ...) and by collective; each op costs max(FLOPs / peak, bytes /
+#   HBM bandwidth), each collective its bytes over one ICI link. A model to compare layouts, not a measurement.
 #
 # Then what-if cells: change the batch, the mesh or the remat policy and redraw. One compile of the full a3b step
 # takes 2 to 5 minutes on 2 CPU cores, so by default the what-ifs compile the embedded `tiny` MoE on a v5p-8
@@ -41,11 +41,8 @@ import warnings
 warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm's notice when ipywidgets is not installed
 
 import os
-import re
-import tempfile
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import jax
 import matplotlib.pyplot as plt
@@ -54,11 +51,9 @@ import numpy as np
 import ernie_jax  # noqa: F401 - before the first JAX computation: keeps libtpu from initialising on a CPU host
 from ernie_jax.chips import CHIPS
 from ernie_jax.tools.aot_report import compile_report, format_report, resolve_topology
-from ernie_jax.tools.hlo_stats import Module
 from ernie_jax.training.config import apply_overrides, load_preset
 
 started = time.perf_counter()
-work = Path(tempfile.mkdtemp(prefix="ernie-aot-"))
 PRESET = os.environ.get("POD_PRESET", "a3b_tpu")
 TOPOLOGY = os.environ.get("POD_TOPOLOGY", "v5p-64")
 print(f"JAX {jax.__version__}; this host: {jax.default_backend()}; compiling {PRESET} for {TOPOLOGY}")
@@ -67,50 +62,16 @@ print(f"JAX {jax.__version__}; this host: {jax.default_backend()}; compiling {PR
 # ## 1. Compile the step once
 
 # %%
-reports: dict[str, dict] = {}  # label -> report, with the op-kind split added
+reports: dict[str, dict] = {}  # label -> compile_report's dict
 
 
 def compile_step(label: str, preset: str, topology: str, overrides: list[str] = ()) -> dict:
-    """compile_report for preset + overrides on `topology`, keeping the compiled HLO's op-kind split."""
-    hlo = work / f"{re.sub(r'[^a-z0-9]+', '_', label.lower())}.hlo"
+    """compile_report for preset + overrides on `topology` (what `python -m ernie_jax.aot --json` prints)."""
     start = time.perf_counter()
-    report = compile_report(apply_overrides(load_preset(preset), list(overrides)), topology, dump_hlo=str(hlo))
-    if "compile_error" not in report:  # libtpu compiled it (a refused program has no HLO)
-        report["by_kind"] = roofline_by_kind(Module(hlo.read_text()), resolve_topology(topology)[0])
+    report = compile_report(apply_overrides(load_preset(preset), list(overrides)), topology)
     report["wall_s"] = time.perf_counter() - start
     reports[label] = report
     return report
-
-
-def op_kind(inst, flops: float) -> str:
-    name = inst.name
-    if inst.opcode == "custom-call":
-        if "gmm" in name:
-            return "experts: grouped matmul (Pallas)"
-        if "flash" in name:
-            return "attention (Pallas)"
-        return "other kernels"
-    if flops:
-        return "other matmuls (XLA)"
-    if "gather" in name:
-        return "gathers (token sort / unsort)"
-    if "dynamic-update-slice" in name or "dynamic-slice" in name:
-        return "layer-stack slices / updates"
-    if inst.opcode in ("copy", "reshape", "transpose", "broadcast") or name.startswith(("copy", "transpose")):
-        return "copies, reshapes, broadcasts"
-    return "elementwise and reductions"
-
-
-def roofline_by_kind(module: Module, generation: str) -> dict[str, dict[str, float]]:
-    """Seconds per step of the roofline model, per op kind (compute + HBM) and per collective (ICI)."""
-    chip = CHIPS[generation]
-    compute: dict[str, float] = defaultdict(float)
-    for flops, traffic, runs, inst in module.op_costs:
-        seconds = runs * max(flops / chip.peak_bf16_flops, traffic / chip.hbm_bytes_per_s)
-        if seconds:
-            compute[op_kind(inst, flops)] += seconds
-    ici = {k: c["bytes"] / chip.ici_bytes_per_s for k, c in module.collectives().items() if c["bytes"]}
-    return {"compute": dict(compute), "collectives": ici}
 
 
 full = compile_step(f"{PRESET} on {TOPOLOGY}", PRESET, TOPOLOGY)
@@ -132,6 +93,18 @@ def memory_parts(r: dict) -> dict[str, float]:
     parts = {"params": b["params"], "opt_state": b["opt_state"], "temporaries": b["temporaries"]}
     parts["other"] = b["peak_estimate"] - sum(parts.values())
     return {k: v / 1e9 for k, v in parts.items()}
+
+
+def roofline_split(r: dict, top: int = 11) -> dict[str, dict[str, float]]:
+    """Seconds per step: compute + HBM per op kind (the report's `roofline_by_kind_s`; kinds past the `top`
+    largest summed as "other"), and each collective's bytes over one ICI link."""
+    if "roofline_by_kind_s" not in r:  # refused by libtpu: nothing compiled
+        return {"compute": {}, "collectives": {}}
+    compute = dict(list(r["roofline_by_kind_s"].items())[:top])
+    compute["other"] = sum(list(r["roofline_by_kind_s"].values())[top:])
+    ici = CHIPS[resolve_topology(r["topology"])[0]].ici_bytes_per_s
+    collectives = {k: c["bytes"] / ici for k, c in r["collectives"].items() if c["bytes"]}
+    return {"compute": compute, "collectives": collectives}
 
 
 def draw(labels: list[str]) -> None:
@@ -159,11 +132,16 @@ def draw(labels: list[str]) -> None:
     mem.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=2)
     for ax, part, title in ((comp, "compute", "roofline: compute + HBM, per op kind"),
                             (coll, "collectives", "roofline: ICI, per collective")):  # fmt: skip
-        kinds = sorted({k for r in rs for k in r.get("by_kind", {}).get(part, {})})
+        split = [roofline_split(r)[part] for r in rs]
+        totals = defaultdict(float)
+        for one in split:
+            for kind, seconds in one.items():
+                totals[kind] += seconds
+        kinds = sorted(totals, key=totals.get, reverse=True)
         left = np.zeros(len(rs))
         for i, kind in enumerate(kinds):
-            widths = np.array([r.get("by_kind", {}).get(part, {}).get(kind, 0.0) * 1e3 for r in rs])
-            ax.barh(y, widths, left=left, color=COLOURS[i % 10], label=kind)
+            widths = np.array([one.get(kind, 0.0) * 1e3 for one in split])
+            ax.barh(y, widths, left=left, color=plt.get_cmap("tab20").colors[i % 20], label=kind)
             left += widths
         for yi, total in zip(y, left, strict=True):
             text = "—" if not total else f"{total:,.0f} ms" if total >= 10 else f"{total:.2g} ms"
