@@ -8,6 +8,11 @@ exact against transformers' `Ernie4_5_VLMoeForConditionalGeneration`.
 
     batch = ernie_jax.vl.ImageProcessor.from_pretrained("path/to/vl-checkpoint")([image_hwc_uint8])
     # batch["pixel_values"] [N, C*P*P] float32, batch["image_grid_thw"] [n, 3], as transformers' processor
+
+    new = ernie_jax.generate(model, [prompt_ids], images=[[image_hwc_uint8]], max_new_tokens=64)  # generation.py
+
+Training: `python -m ernie_jax.train --config=vl_tiny data.format=vl_sft ...` reads {"images", "messages"} rows
+(`sft.py`) into packed rows that `model(...)` runs with static shapes (see its docstring).
 """
 
 from ernie_jax.vl.checkpoint import from_pretrained, save_pretrained
