@@ -188,6 +188,14 @@ class TrainConfig:
             f"trains on vl_sft rows; got data.format={self.data.format} for a {type(self.model).__name__} model",
         )
         _require(not (is_vl and self.lora.enabled), "lora.rank", "LoRA is not there yet for VL models; set lora.rank=0")
+        if is_vl:  # the resampler merges each m x m block of a row's patches into one token
+            merge = self.model.vision.spatial_merge_size**2
+            _require(
+                self.data.vision_patches % merge == 0,
+                "data.vision_patches",
+                f"{self.data.vision_patches} must be a multiple of spatial_merge_size**2 = {merge}, e.g. "
+                f"{-(-self.data.vision_patches // merge) * merge}",
+            )
         _require(
             self.data.global_batch_size % self.optim.grad_accum == 0,
             "optim.grad_accum",

@@ -30,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding
 import sharding
 from ernie_jax.config import ConfigError, ErnieConfig
 from ernie_jax.data import BATCH_DTYPES, VL_BATCH_DTYPES, batch_keys
+from ernie_jax.data.schema import VL_PATCH_KEYS
 from ernie_jax.hf.checkpoint import from_pretrained
 from ernie_jax.lora import add_adapters, convert_base
 from ernie_jax.model import ErnieForCausalLM
@@ -187,7 +188,7 @@ def batch_shapes(cfg: TrainConfig) -> dict[str, tuple[tuple[int, ...], np.dtype]
     rows, dtypes = cfg.data.global_batch_size, {**BATCH_DTYPES, **VL_BATCH_DTYPES}
     out = {}
     for key in batch_keys(cfg.data.format):
-        if key in ("pixel_values", "patch_frames", "patch_rows", "patch_cols"):
+        if key in VL_PATCH_KEYS:
             shape = (rows, cfg.data.vision_patches) + ((cfg.model.vision.patch_dim,) if key == "pixel_values" else ())
         else:
             shape = (rows, cfg.run_data.row_len)
