@@ -327,3 +327,21 @@ def test_packed_rows_on_the_mesh_equal_one_device(vl_dir):
         assert_close(mesh_losses[name], value, np.float32, name)
     assert losses["vision_aux_loss"] > 0 and losses["text_aux_loss"] > 0
     print(f"[vl-sft] packed rows, data 2 x expert 4 vs one device: max|dlogit|={worst:.2e}")
+
+
+@pytest.mark.parametrize(
+    "preset, overrides, says",
+    [
+        ("vl_tiny", ["data.vision_patches=250"], "data.vision_patches: 250 must be a multiple of"),
+        ("vl_tiny", ["data.format=sft"], "data.format: vl_sft trains a VL model"),
+        ("tiny", ["data.format=vl_sft", "data.vision_patches=64"], "data.format: vl_sft trains a VL model"),
+        ("vl_tiny", ["lora.rank=8"], "lora.rank: LoRA is not there yet for VL models"),
+        ("vl_tiny", ["data.vision_patches=0"], "vision_patches must be > 0 with format=vl_sft"),
+        ("vl_tiny", ["model.text.num_hidden_layers=4"], "mlp_layer_types=dense,sparse,sparse,sparse"),
+    ],
+)
+def test_bad_vl_run_configs_name_the_key_and_the_fix(preset, overrides, says):
+    from ernie_jax.config import ConfigError
+
+    with pytest.raises(ConfigError, match=__import__("re").escape(says)):
+        apply_overrides(load_preset(preset), overrides)
