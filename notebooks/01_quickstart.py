@@ -70,7 +70,10 @@ print(f"JAX {jax.__version__} on {jax.default_backend()}: {jax.device_count()} x
 # %%
 from ernie_jax.tools.verify import worst_logit_difference
 
-worst = worst_logit_difference([])
+# On TPU, float32 matmuls run as bfloat16 passes unless asked otherwise: comparisons with transformers ask for
+# full float32 precision (no effect on CPU, where float32 matmuls are float32 already).
+with jax.default_matmul_precision("highest"):
+    worst = worst_logit_difference([])
 assert worst <= 1e-4, worst
 
 # %% [markdown]
@@ -98,7 +101,7 @@ else:
     print(f"checkpoint: {path} ({small.num_params() / 1e6:.1f}M params, random, written by transformers)")
 
 tokenizer = ernie_jax.Tokenizer.from_pretrained(path)
-dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+dtype = jnp.float32  # to compare with transformers in float32; jnp.bfloat16 is what a TPU run would usually take
 model = ernie_jax.from_pretrained(path, dtype=dtype, progress=False)
 print(model.config)
 
@@ -112,7 +115,8 @@ print(model.config)
 # %%
 text = "The capital of France is Paris. The capital of Japan is"
 ids = [tokenizer.bos_token_id, *tokenizer.encode(text, add_special_tokens=False)]
-ours = np.asarray(model(jnp.asarray([ids])), dtype=np.float32)[0]  # [T, V]
+with jax.default_matmul_precision("highest"):
+    ours = np.asarray(model(jnp.asarray([ids])), dtype=np.float32)[0]  # [T, V]
 reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 with torch.no_grad():
     theirs = reference(torch.tensor([ids])).logits[0].numpy()
@@ -151,7 +155,8 @@ plt.show()
 prompts = [text, "Once upon a time"]
 prompt_ids = [[tokenizer.bos_token_id, *tokenizer.encode(p, add_special_tokens=False)] for p in prompts]
 start = time.perf_counter()
-new = ernie_jax.generate(model, prompt_ids, max_new_tokens=24, temperature=0.0, eos_token_id=None)
+with jax.default_matmul_precision("highest"):  # greedy picks must not hinge on TPU's bfloat16 passes
+    new = ernie_jax.generate(model, prompt_ids, max_new_tokens=24, temperature=0.0, eos_token_id=None)
 print(f"generated 2 x 24 tokens in {time.perf_counter() - start:.2f} s (compile included)")
 for p, p_ids, row in zip(prompts, prompt_ids, new, strict=True):
     with torch.no_grad():

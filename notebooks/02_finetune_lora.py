@@ -183,7 +183,8 @@ from transformers import AutoModelForCausalLM
 
 ids = tokenizer.apply_chat_template(QUESTIONS[0], add_generation_prompt=True)
 merged32 = ernie_jax.from_pretrained(work / "merged", dtype=jnp.float32, progress=False)
-ours = np.asarray(merged32(jnp.asarray([ids])), dtype=np.float32)[0]
+with jax.default_matmul_precision("highest"):  # full float32 matmuls on TPU too, as transformers computes on CPU
+    ours = np.asarray(merged32(jnp.asarray([ids])), dtype=np.float32)[0]
 hf_merged = AutoModelForCausalLM.from_pretrained(work / "merged", dtype=torch.float32).eval()
 hf_base = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
 with torch.no_grad():
