@@ -18,6 +18,7 @@ import pytest
 
 from ernie_jax.training import loop as train_mod
 from ernie_jax.training.config import apply_overrides, list_presets, load_preset
+from ernie_jax.vl import VLConfig
 from tests.test_fault_injection import ROOT, environment
 
 EXTRA_VARIANTS = {  # layouts no preset has, on the tiny preset
@@ -26,7 +27,10 @@ EXTRA_VARIANTS = {  # layouts no preset has, on the tiny preset
         ["model.moe_layer_interval=2", "model.moe_layer_start_index=0", "model.use_bias=true"],
     ),
 }
-CASES = sorted(list_presets()) + sorted(EXTRA_VARIANTS)
+# The VL presets have a test file of their own: vl_tiny trains, resumes and samples in tests/test_vl_sft.py and
+# tests/test_vl_generate.py, vl_a3b_tpu compiles for TPU in tests/test_vl_aot.py.
+TEXT_PRESETS = [name for name in sorted(list_presets()) if not isinstance(load_preset(name).model, VLConfig)]
+CASES = TEXT_PRESETS + sorted(EXTRA_VARIANTS)
 
 
 def shrink(name: str, run_dir, mesh: list[str], *extra: str) -> list[str]:
