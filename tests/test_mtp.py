@@ -160,7 +160,8 @@ def test_transformers_loads_a_checkpoint_with_mtp_tensors_and_ignores_them(tmp_p
     assert_close(model(jnp.asarray(ids)), hf_logits(hf, ids), np.float32)
 
 
-def test_transposed_projection_is_fixed_with_a_log_line(tmp_path, caplog):
+def test_transposed_projection_is_fixed_with_a_log_line(tmp_path, project_logs):
+    caplog = project_logs  # the project's loggers stop propagating once an entry point has set up logging
     model = _model(MTP_DENSE.replace(num_nextn_predict_layers=1))
     ernie_jax.save_pretrained(model, tmp_path, dtype=jnp.float32, progress=False)
     tensors = safetensors.numpy.load_file(str(tmp_path / "model.safetensors"))
@@ -173,7 +174,8 @@ def test_transposed_projection_is_fixed_with_a_log_line(tmp_path, caplog):
     np.testing.assert_array_equal(np.asarray(loaded.mtp[0].proj.get_value()), np.asarray(model.mtp[0].proj.get_value()))
 
 
-def test_a_checkpoint_without_mtp_tensors_still_loads_and_a_missing_head_is_named(tmp_path, caplog):
+def test_a_checkpoint_without_mtp_tensors_still_loads_and_a_missing_head_is_named(tmp_path, project_logs):
+    caplog = project_logs
     plain = hf_model(TINY_DENSE)
     plain.save_pretrained(tmp_path / "plain")
     model = ernie_jax.from_pretrained(tmp_path / "plain", dtype=jnp.float32, progress=False)
@@ -239,9 +241,10 @@ def test_mtp_targets_stay_inside_each_document():
     np.testing.assert_array_equal(m2, [[1, 0, 0, 0, 0, 0]])
 
 
-def test_init_from_a_checkpoint_without_mtp_lowers_the_presets_depth(tmp_path, caplog):
+def test_init_from_a_checkpoint_without_mtp_lowers_the_presets_depth(tmp_path, project_logs):
     """The embedded default trains one MTP depth; a checkpoint without a head trains without MTP, with a warning
     (the rows' length follows), and a checkpoint with one keeps it."""
+    caplog = project_logs
     for depths in (0, 1):
         path = tmp_path / f"ckpt{depths}"
         path.mkdir()
