@@ -9,7 +9,11 @@ module walks the HLO call graph instead:
   of its caller; the trip count is read from the loop condition `i < N` and the loop's initial `i`);
 - matmul FLOPs come from `dot` (2 * output elements * contracted size), `convolution` (2 * output elements *
   kernel input features * window) and Mosaic/Triton custom calls (the `cost_estimate` their Pallas kernels carry);
-- bytes are operands plus results of each top-level instruction (what a fusion reads from and writes to HBM);
+- bytes are what each top-level instruction reads from and writes to HBM, by the rules of XLA's own
+  `HloCostAnalysis`: operands plus results, except that a slice or dynamic-slice reads only the slice, an in-place
+  dynamic-update-slice reads and writes only the update, and a fusion reads of each operand only the slices its
+  fused computation takes (one layer of a scan-stacked array, not the stack) and writes only the update of a root
+  dynamic-update-slice;
 - collectives are counted with their result bytes per chip.
 
 `roofline_seconds` turns that into a step-time estimate: per instruction max(FLOPs / peak, bytes / HBM bandwidth),
@@ -33,7 +37,7 @@ _NO_TRAFFIC = {"parameter", "constant", "tuple", "get-tuple-element", "bitcast",
                "add-dependency", "domain"}  # fmt: skip
 
 _HEADER = re.compile(r"^(ENTRY\s+)?%?([^\s(]+)\s*\(.*->.*\{\s*$")
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([^\s=]+)\s*=\s*(.*?)\s([a-z][a-z0-9\-]*)\((.*)$")
+_INSTRUCTION = re.compile(r"^\s*(ROOT\s+)?%?([^\s=]+)\s*=\s*(.*?)\s([a-z][a-z0-9\-]*)\((.*)$")
 _ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
 _COST_FLOPS = re.compile(
     r'"cost_estimate":\{"flops":"?(\d+)"?(?:,"transcendentals":"?\d+"?)?(?:,"bytes_accessed":"?(\d+)"?)?'
@@ -48,6 +52,7 @@ class Instruction:
     opcode: str
     operands: list[str]
     attrs: str  # everything after the operand list
+    index: int | None = None  # a parameter's number (`parameter(2)`)
 
     def called(self, key: str) -> list[str]:
         m = re.search(key + r"=\{?%?([^,}\s]+(?:,\s*%[^,}\s]+)*)\}?", self.attrs)
@@ -59,10 +64,24 @@ class Computation:
     name: str
     entry: bool
     instructions: list[Instruction]
+    root: str = ""  # the ROOT instruction's name
 
     @functools.cached_property
     def by_name(self) -> dict[str, Instruction]:
         return {i.name: i for i in self.instructions}
+
+    @functools.cached_property
+    def users(self) -> dict[str, list[Instruction]]:
+        """Each instruction's users in this computation, once per user (as XLA's `users()`)."""
+        out: dict[str, list[Instruction]] = {}
+        for inst in self.instructions:
+            for name in dict.fromkeys(inst.operands):
+                out.setdefault(name, []).append(inst)
+        return out
+
+    @functools.cached_property
+    def parameters(self) -> dict[int, Instruction]:
+        return {i.index: i for i in self.instructions if i.opcode == "parameter" and i.index is not None}
 
 
 def _split_operands(rest: str) -> tuple[str, str]:
@@ -93,9 +112,12 @@ def parse_module(text: str) -> dict[str, Computation]:
             continue
         m = _INSTRUCTION.match(line)
         if m:
-            operand_text, attrs = _split_operands(m.group(4))
+            operand_text, attrs = _split_operands(m.group(5))
             operands = re.findall(r"%([^\s,()]+)", operand_text)
-            current.instructions.append(Instruction(m.group(1), m.group(2), m.group(3), operands, attrs))
+            index = int(operand_text) if m.group(4) == "parameter" and operand_text.strip().isdigit() else None
+            current.instructions.append(Instruction(m.group(2), m.group(3), m.group(4), operands, attrs, index))
+            if m.group(1):
+                current.root = m.group(2)
     return comps
 
 
@@ -176,6 +198,105 @@ def _valid_taps(size: int, window: int, out: int, pad_low: int, stride: int, lhs
         if hi > lo:
             total += hi - lo if lhs_dilate == 1 else sum((o * stride + offset) % lhs_dilate == 0 for o in range(lo, hi))
     return total
+
+
+def _operand_bytes(comp: Computation, name: str) -> int:
+    inst = comp.by_name.get(name)
+    return type_bytes(inst.type_text) if inst is not None else 0
+
+
+def _parameter_read_bytes(module: Module, comp: Computation, param: Instruction) -> int:
+    """HBM bytes a fusion reads through one parameter of its fused computation `comp`, as XLA's
+    `HloCostAnalysis::FusionParameterReadBytes` counts them: a slice or dynamic-slice of it reads only the slice,
+    a dynamic-update-slice into it reads nothing (the buffer is updated in place), a broadcast or reshape reads it
+    whole, and every other user shares one whole read. A nested fusion is followed into its own parameter."""
+    if len(arrays(param.type_text)) != 1:  # a tuple-typed parameter: counted whole
+        return type_bytes(param.type_text)
+    whole = type_bytes(param.type_text)
+    size, seen_whole = 0, False
+    for user in comp.users.get(param.name, []):
+        if user.opcode == "fusion":
+            inner = module.computations[user.called("calls")[0]]
+            root = inner.by_name.get(inner.root)
+            for idx in (i for i, o in enumerate(user.operands) if o == param.name):
+                nested_param = inner.parameters[idx]
+                # XLA calls a nested fusion simple when this parameter feeds its root directly.
+                simple = root is not None and (not root.operands or root.operands[0] == nested_param.name)
+                nested_seen = False
+                for fusion_user in comp.users.get(user.name, []):
+                    if simple and fusion_user.opcode == "slice":
+                        size += type_bytes(fusion_user.type_text)
+                    elif simple and fusion_user.opcode == "dynamic-slice":
+                        if fusion_user.operands[0] == user.name:
+                            size += type_bytes(fusion_user.type_text)
+                        elif not nested_seen:
+                            nested_seen = True
+                            size += type_bytes(user.type_text)
+                    elif simple and fusion_user.opcode == "dynamic-update-slice":
+                        if fusion_user.operands[0] != user.name and not nested_seen:
+                            nested_seen = True
+                            size += type_bytes(user.type_text)
+                    elif not nested_seen:
+                        nested_seen = True
+                        size += _parameter_read_bytes(module, inner, nested_param)
+        elif user.opcode == "slice":
+            size += type_bytes(user.type_text)
+        elif user.opcode == "dynamic-slice":
+            if user.operands[0] == param.name:
+                size += type_bytes(user.type_text)
+            elif not seen_whole:
+                seen_whole = True
+                size += whole
+        elif user.opcode == "dynamic-update-slice":
+            if user.operands[0] != param.name and not seen_whole:
+                seen_whole = True
+                size += whole
+        elif user.opcode in ("broadcast", "reshape"):
+            size += whole
+        elif not seen_whole:
+            seen_whole = True
+            size += whole
+    return size
+
+
+def _fusion_output_bytes(comp: Computation, inst: Instruction) -> int:
+    """Bytes a fusion writes: its result, except that a root dynamic-update-slice (or one element of a root tuple)
+    writes only its update, in place."""
+    root = comp.by_name.get(comp.root)
+    if root is None:
+        return type_bytes(inst.type_text)
+    outputs = [comp.by_name.get(o) for o in root.operands] if root.opcode == "tuple" else [root]
+    total = 0
+    for out in outputs:
+        if out is not None and out.opcode == "dynamic-update-slice":
+            total += _operand_bytes(comp, out.operands[1])
+        elif out is not None:
+            total += type_bytes(out.type_text)
+    return total
+
+
+def instruction_bytes(module: Module, comp: Computation, inst: Instruction) -> int:
+    """HBM bytes one top-level instruction reads and writes, by the rules of XLA's `HloCostAnalysis`: operands plus
+    result, except slices (read and write the slice), dynamic-update-slices (read and write the update, in place)
+    and fusions (see `_parameter_read_bytes` and `_fusion_output_bytes`). Views, control flow and collectives move
+    no HBM bytes here (collectives are counted apart); a Pallas call carries its own estimate."""
+    if inst.opcode in _NO_TRAFFIC or _COLLECTIVE_OP.match(inst.opcode.removesuffix("-done")):
+        return 0
+    if inst.opcode == "custom-call":
+        m = _COST_FLOPS.search(inst.attrs)
+        if m and m.group(2):
+            return int(m.group(2))
+    if inst.opcode == "slice":
+        return 2 * type_bytes(inst.type_text)
+    if inst.opcode == "dynamic-slice":  # XLA adds the first start index only
+        return 2 * type_bytes(inst.type_text) + _operand_bytes(comp, inst.operands[1])
+    if inst.opcode == "dynamic-update-slice":
+        return 2 * _operand_bytes(comp, inst.operands[1]) + _operand_bytes(comp, inst.operands[2])
+    if inst.opcode == "fusion":
+        fused = module.computations[inst.called("calls")[0]]
+        read = sum(_parameter_read_bytes(module, fused, p) for _, p in sorted(fused.parameters.items()))
+        return read + _fusion_output_bytes(fused, inst)
+    return sum(_operand_bytes(comp, o) for o in inst.operands) + type_bytes(inst.type_text)
 
 
 class Module:
@@ -302,15 +423,7 @@ class Module:
                 flops = sum(self._fused_flops(c) for c in inst.called("calls"))
             else:
                 flops = instruction_flops(inst, comp)
-            traffic = 0
-            if inst.opcode not in _NO_TRAFFIC and not _COLLECTIVE_OP.match(inst.opcode.removesuffix("-done")):
-                m = _COST_FLOPS.search(inst.attrs) if inst.opcode == "custom-call" else None
-                if m and m.group(2):
-                    traffic = int(m.group(2))
-                else:
-                    operands = sum(type_bytes(comp.by_name[o].type_text) for o in inst.operands if o in comp.by_name)
-                    traffic = operands + type_bytes(inst.type_text)
-            out.append((flops, traffic, n, inst))
+            out.append((flops, instruction_bytes(self, comp, inst), n, inst))
         return out
 
     def flops(self, weighted: bool = True) -> float:
