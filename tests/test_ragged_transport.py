@@ -22,26 +22,29 @@ from tests.helpers import assert_close
 def emulated_ragged_all_to_all(
     operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *, axis_name, axis_index_groups=None
 ):
-    """`jax.lax.ragged_all_to_all` inside shard_map, from all_gather: device i sends
-    operand[input_offsets[j] : input_offsets[j] + send_sizes[j]] to device j, which writes it at
-    output[output_offsets[j] :] (offsets into the *receiver's* buffer, given by the sender); rows of `output` that
-    nothing lands on keep their values. recv_sizes[j] must equal what device j sends here: a mismatch poisons the
-    whole output with NaN, so inconsistent bookkeeping cannot pass silently."""
+    """`jax.lax.ragged_all_to_all` inside shard_map, from all_gather. The offset and size arrays hold S slices per
+    device (their length is S * devices): device i sends slice j * S + s, operand[input_offsets[j * S + s] :]
+    of send_sizes[j * S + s] rows, to device j, which writes it at output[output_offsets[j * S + s] :] (offsets
+    into the *receiver's* buffer, given by the sender); rows of `output` that nothing lands on keep their values.
+    recv_sizes[i * S + s] must equal what device i sends here as its slice s: a mismatch poisons the whole output
+    with NaN, so inconsistent bookkeeping cannot pass silently."""
     if axis_index_groups is not None:
         raise NotImplementedError("axis_index_groups")
     devices = jax.lax.axis_size(axis_name)
+    per = input_offsets.shape[0] // devices  # slices per device
     me = jax.lax.axis_index(axis_name)
     operands = jax.lax.all_gather(operand, axis_name)  # [P, M, D]: every sender's rows
-    starts_in = jax.lax.all_gather(input_offsets, axis_name)  # [src, dst]
-    sizes = jax.lax.all_gather(send_sizes, axis_name)  # [src, dst]
-    starts_out = jax.lax.all_gather(output_offsets, axis_name)  # [src, dst]
+    starts_in = jax.lax.all_gather(input_offsets, axis_name).reshape(devices, devices, per)  # [src, dst, slice]
+    sizes = jax.lax.all_gather(send_sizes, axis_name).reshape(devices, devices, per)
+    starts_out = jax.lax.all_gather(output_offsets, axis_name).reshape(devices, devices, per)
     rows = jnp.arange(output.shape[0])
     for src in range(devices):
-        start, count, first = starts_out[src, me], sizes[src, me], starts_in[src, me]
-        lands = (rows >= start) & (rows < start + count)
-        source_rows = jnp.clip(first + rows - start, 0, operand.shape[0] - 1)
-        output = jnp.where(lands[:, None], operands[src][source_rows], output)
-    consistent = jnp.all(recv_sizes == sizes[:, me])
+        for s in range(per):
+            start, count, first = starts_out[src, me, s], sizes[src, me, s], starts_in[src, me, s]
+            lands = (rows >= start) & (rows < start + count)
+            source_rows = jnp.clip(first + rows - start, 0, operand.shape[0] - 1)
+            output = jnp.where(lands[:, None], operands[src][source_rows], output)
+    consistent = jnp.all(recv_sizes.reshape(devices, per) == sizes[:, me])
     return jnp.where(consistent, output, jnp.nan)
 
 
@@ -91,6 +94,31 @@ def test_emulation_matches_the_op_definition():
     bad = np.asarray(run(operand, input_offsets, send_sizes, output_offsets, jnp.array([1, 1, 1, 1]))).reshape(2, 4)
     assert np.isnan(bad[1]).all(), "receive sizes that disagree with the senders must not pass"
     np.testing.assert_array_equal(bad[0], out[0])
+
+
+def test_emulation_with_two_slices_per_device():
+    """Two slices per (sender, receiver), as the transport sends one per local expert: each receiver lays them out
+    slice-major (all senders' slice 0, then all senders' slice 1), hand-worked on 2 devices."""
+    mesh = sharding.make_mesh(data=1, expert=2, devices=jax.devices()[:2])
+    spec = jax.sharding.PartitionSpec("expert")
+    operand = jnp.array([[10.0], [11.0], [12.0], [13.0], [20.0], [21.0], [22.0], [23.0]])  # 4 rows per device
+    # Per device: [to 0 slice 0, to 0 slice 1, to 1 slice 0, to 1 slice 1].
+    input_offsets = jnp.array([0, 1, 1, 3, 0, 1, 2, 3])
+    send_sizes = jnp.array([1, 0, 2, 1, 1, 1, 1, 0])
+    output_offsets = jnp.array([0, 2, 0, 3, 1, 2, 2, 4])
+    # Per device: [from 0 slice 0, from 0 slice 1, from 1 slice 0, from 1 slice 1].
+    recv_sizes = jnp.array([1, 0, 1, 1, 2, 1, 1, 0])
+
+    def body(op, in_off, send, out_off, recv):
+        out = jnp.full((5, 1), -1.0)
+        return emulated_ragged_all_to_all(op, out, in_off, send, out_off, recv, axis_name="expert")
+
+    run = jax.shard_map(body, mesh=mesh, in_specs=(spec,) * 5, out_specs=spec, check_vma=False)
+    out = np.asarray(run(operand, input_offsets, send_sizes, output_offsets, recv_sizes)).reshape(2, 5)
+    np.testing.assert_array_equal(out, [[10, 20, 21, -1, -1], [11, 12, 22, 13, -1]])
+    bad_sizes = recv_sizes.at[1].set(1)  # device 0 claims a row of slice 1 from device 0, which sends none
+    bad = np.asarray(run(operand, input_offsets, send_sizes, output_offsets, bad_sizes)).reshape(2, 5)
+    assert np.isnan(bad[0]).all() and not np.isnan(bad[1]).any()
 
 
 MESHES = {"data2_expert4": dict(data=2, expert=4), "expert8": dict(data=1, expert=8)}

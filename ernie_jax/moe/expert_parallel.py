@@ -13,9 +13,12 @@ tokens to their experts; both are dropless by default:
   op over it EP times the real rows); `moe_buffer_factor` bounds it, and assignments that overflow are dropped and
   counted.
 
-Each device then runs the same expert compute as the single-device path (`dispatch.sort_by_expert` and
-`dispatch.expert_swiglu`) on the rows it received, with its local experts. The transport and the buffer bound
-come from the model's run options (`ModelOptions.moe_transport`, `moe_buffer_factor`).
+Each device then runs the same expert compute as the single-device path (`dispatch.expert_swiglu`) on the rows
+it received, with its local experts. "allgather" sorts its rows by local expert first (`dispatch.sort_by_expert`);
+"ragged_a2a" needs no sort: each source sends one segment per (destination, local expert), and the segments land
+laid out by local expert (`receive_layout`), so the grouped matmul reads the receive buffer as it arrives. The
+transport and the buffer bound come from the model's run options (`ModelOptions.moe_transport`,
+`moe_buffer_factor`).
 """
 
 from __future__ import annotations
@@ -127,6 +130,19 @@ def _kept_segments(counts: jax.Array, kept: jax.Array) -> jax.Array:
     return jnp.diff(ends, axis=1, prepend=jnp.zeros_like(ends[:, :1]))
 
 
+def receive_layout(kept: jax.Array) -> jax.Array:
+    """Where each kept segment lands in its receiver's buffer, laid out by local expert, then by source.
+
+    kept [src, dst, E_loc]: rows each source sends each receiver for each of the receiver's local experts. Returns
+    offsets [src, dst, E_loc] into the receiver's buffer: expert e's rows from every source come before expert
+    e + 1's, so the buffer arrives sorted by local expert and the grouped matmul runs on it as it is (no local
+    sort and un-sort of the receive buffer)."""
+    per_expert = kept.sum(0)  # [dst, E_loc] rows each receiver gets per local expert
+    expert_start = jnp.cumsum(per_expert, axis=1) - per_expert  # [dst, E_loc]
+    source_start = jnp.cumsum(kept, axis=0) - kept  # [src, dst, E_loc] within one expert's rows
+    return expert_start[None] + source_start
+
+
 def _ragged_body(
     x,
     experts,
@@ -156,35 +172,30 @@ def _ragged_body(
     capacity = buffer_rows(n, k, ep, options.moe_buffer_factor)
     traffic = bounded_traffic(wanted, capacity)  # [src, dst] rows sent: all of them unless a buffer overflows
     dropped = (wanted[me].sum() - traffic[me].sum()).astype(jnp.float32)  # my assignments that found no room
-    send_sizes = traffic[me]
-    input_offsets = jnp.cumsum(wanted[me]) - wanted[me]  # my rows stay grouped by destination; a cut keeps a prefix
-    output_offsets = (jnp.cumsum(traffic, axis=0) - traffic)[me]  # where my rows land in each receiver's buffer
-    recv_sizes = traffic[:, me]
+    # One segment per (destination, local expert): a cut block keeps a prefix of each source's rows in expert order.
+    kept = _kept_segments(all_counts.reshape(ep * ep, e_loc), traffic.reshape(-1)).reshape(ep, ep, e_loc)
+    landing = receive_layout(kept)  # [src, dst, E_loc]
+    expert_offsets = (jnp.cumsum(all_counts, axis=1) - all_counts).reshape(ep, ep, e_loc)  # [src, dst, E_loc]
     received = ragged_all_to_all(
         send_rows,
         _varying_zeros(send_rows, (capacity, d)),
-        input_offsets,
-        send_sizes,
-        output_offsets,
-        recv_sizes,
+        expert_offsets[me].reshape(-1),  # my rows for (dst, e) start where global expert dst * E_loc + e does
+        kept[me].reshape(-1),
+        landing[me].reshape(-1),
+        kept[:, me].reshape(-1),  # [src * E_loc]
         axis_name=ep_axes,
-    )
-    # Received rows come grouped by source, each source's rows sorted by (local) expert.
-    mine = jax.lax.dynamic_slice_in_dim(all_counts, me * e_loc, e_loc, axis=1)  # [src, E_loc]
-    seg_sizes = _kept_segments(mine, recv_sizes).reshape(-1)  # [src * E_loc]
-    seg = jnp.searchsorted(jnp.cumsum(seg_sizes), jnp.arange(capacity), side="right")
-    local_ids = jnp.where(seg < ep * e_loc, seg % e_loc, e_loc)
-    ys = _run_experts(received, local_ids, (w_gate, w_up, w_down), options, n * k)  # [capacity, D]
+    )  # [capacity, D], sorted by local expert; rows past the groups stay zero
+    group_sizes = kept[:, me].sum(0)  # [E_loc]
+    ys = expert_swiglu(received, group_sizes, w_gate, w_up, w_down, options=options, expected_rows=n * k)
     if f_axes:
         ys = jax.lax.psum(ys, f_axes)
-    back_offsets = (jnp.cumsum(wanted, axis=1) - wanted)[:, me]  # where each source's rows started
     returned = ragged_all_to_all(
         ys.astype(x.dtype),
         _varying_zeros(send_rows, (n * k, d)),
-        jnp.cumsum(recv_sizes) - recv_sizes,
-        recv_sizes,
-        back_offsets,
-        send_sizes,
+        landing[:, me].reshape(-1),  # each source's segments, back from where they landed here
+        kept[:, me].reshape(-1),
+        expert_offsets[:, me].reshape(-1),  # to where they were sent from
+        kept[me].reshape(-1),
         axis_name=ep_axes,
     )
     ys = permute_rows(returned, inverse, order).reshape(n, k, d)  # back to assignment order; dropped rows are 0

@@ -91,18 +91,18 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "ragged_a2a_wrong_local_expert",
         "ernie_jax/moe/expert_parallel.py",
-        "local_ids = jnp.where(seg < ep * e_loc, seg % e_loc, e_loc)",
-        "local_ids = jnp.where(seg < ep * e_loc, seg // ep % e_loc, e_loc)",
+        "return expert_start[None] + source_start",
+        "return (jnp.cumsum(kept.sum(2), axis=0) - kept.sum(2))[:, :, None] + jnp.cumsum(kept, axis=2) - kept",
         (RAGGED + "test_ragged_transport_matches_dense_oracle",),
-        "received rows are computed by the wrong local expert",
+        "received rows land by source, not by local expert, so the wrong local expert computes them",
     ),
     Mutation(
         "ragged_a2a_cut_block_sent_from_wrong_offset",
         "ernie_jax/moe/expert_parallel.py",
-        "input_offsets = jnp.cumsum(wanted[me]) - wanted[me]",
-        "input_offsets = jnp.cumsum(traffic[me]) - traffic[me]",
+        "expert_offsets = (jnp.cumsum(all_counts, axis=1) - all_counts).reshape(ep, ep, e_loc)",
+        "expert_offsets = (jnp.cumsum(kept.reshape(ep, -1), axis=1) - kept.reshape(ep, -1)).reshape(ep, ep, e_loc)",
         (RAGGED + "test_bounded_buffer_drops_exactly_the_overflow",),
-        "after a cut block, a bounded buffer sends rows from the wrong place in the send buffer",
+        "after a cut segment, a bounded buffer sends rows from the wrong place in the send buffer",
     ),
     # Not a mutation: dropping the `kept` bound in _kept_segments is equivalent (a cut only happens when the
     # receiver is full, every later source sends nothing, so the segments it would change lie past the buffer).
