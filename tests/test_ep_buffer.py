@@ -7,10 +7,17 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ernie_jax.moe.expert_parallel import _kept_segments, bounded_traffic, buffer_rows
+from ernie_jax.moe.expert_parallel import (
+    _kept_segments,
+    bounded_traffic,
+    buffer_rows,
+    receive_layout,
+    received_row_sources,
+)
 from ernie_jax.training.config import ConfigError, load_preset
 
 
@@ -43,6 +50,29 @@ def test_kept_segments_are_a_prefix_in_expert_order():
     kept = np.array([4, 2])
     np.testing.assert_array_equal(np.asarray(_kept_segments(counts, kept)), [[3, 0, 1], [1, 1, 0]])
     np.testing.assert_array_equal(np.asarray(_kept_segments(counts, counts.sum(1))), counts)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_received_rows_land_by_local_expert_then_source(seed):
+    """Each receiver's buffer holds local expert 0's rows from every source (in source order), then expert 1's,
+    and so on; every row knows which sender's row it is. Written out row by row."""
+    rng = np.random.default_rng(seed)
+    ep, e_loc, per_source, capacity = 3, 4, 40, 64
+    kept = rng.integers(0, 6, size=(ep, ep, e_loc))  # [src, dst, local expert]
+    kept[0, 1, 2] = kept[2, 0, 0] = 0  # empty segments
+    sent_from = rng.integers(0, per_source - 6, size=(ep, ep, e_loc))
+    landing = np.asarray(receive_layout(jnp.asarray(kept)))
+    for dst in range(ep):
+        expected_landing = np.zeros((ep, e_loc), int)
+        origin = []
+        for e in range(e_loc):
+            for src in range(ep):
+                expected_landing[src, e] = len(origin)
+                origin += [src * per_source + sent_from[src, dst, e] + j for j in range(kept[src, dst, e])]
+        np.testing.assert_array_equal(landing[:, dst], expected_landing)
+        here = (jnp.asarray(a[:, dst]) for a in (kept, landing, sent_from))
+        got = received_row_sources(*here, capacity, per_source)
+        np.testing.assert_array_equal(np.asarray(got), origin + [-1] * (capacity - len(origin)))
 
 
 def test_buffer_factor_config_errors_name_the_field():

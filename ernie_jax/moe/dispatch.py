@@ -1,6 +1,6 @@
 """Dropless expert compute on one device: sort the k assignments of every token by expert, run the grouped
-SwiGLU, un-sort, weight and sum. Plain functions on arrays; the expert-parallel path (expert_parallel.py) runs the
-same `sort_by_expert` and `expert_swiglu` on each device's share.
+SwiGLU with each row's routing weight applied before the down projection, un-sort and sum. Plain functions on
+arrays; the expert-parallel path (expert_parallel.py) runs the same `expert_swiglu` on each device's share.
 """
 
 from __future__ import annotations
@@ -37,18 +37,25 @@ def expert_swiglu(
     *,
     options: ModelOptions = ModelOptions(),
     expected_rows: int | None = None,
+    row_weights: jax.Array | None = None,
 ) -> jax.Array:
     """SwiGLU of rows sorted by expert: xs [M, D], w_gate/w_up [E, D, F], w_down [E, F, D] -> [M, D].
 
     expected_rows: how many of the M rows the local experts get under balanced routing (an expert-parallel buffer
     is sized for the worst case); only the kernels' cost estimates use it.
+    row_weights: [M] each row's routing weight, applied before the down projection (which is linear), so the
+    rows come out weighted and the combine is a plain sum. Its gradient is then computed where the rows are: an
+    expert-parallel backward needs no weighted copy of the returned rows.
     """
     gmm = functools.partial(
         pallas_kernels.gmm, implementation=options.gmm_impl, platform=options.platform, cost_rows=expected_rows
     )
     gate = gmm(xs, w_gate, group_sizes)  # [M, F]
     up = gmm(xs, w_up, group_sizes)
-    return gmm(jax.nn.silu(gate) * up, w_down, group_sizes)
+    h = jax.nn.silu(gate) * up
+    if row_weights is not None:
+        h = (h * row_weights[:, None]).astype(gate.dtype)
+    return gmm(h, w_down, group_sizes)
 
 
 def dropless_moe(
@@ -70,10 +77,10 @@ def dropless_moe(
     inverse = inverse_permutation(order)
     # Permutations of the k-repeated rows: gathers forward and backward, no [N*k, D] scatters.
     xs = permute_rows(repeat_rows(x, k), order, inverse)  # [N*k, D], rows grouped by expert
-    ys = expert_swiglu(xs, group_sizes, w_gate, w_up, w_down, options=options)  # [N*k, D]
+    ws = permute_rows(routing.weights.reshape(-1), order, inverse)  # [N*k] their routing weights
+    ys = expert_swiglu(xs, group_sizes, w_gate, w_up, w_down, options=options, row_weights=ws)  # [N*k, D] weighted
     unsorted = permute_rows(ys, inverse, order).reshape(n, k, d)  # [N, k, D]
-    out = jnp.einsum("NKD,NK->ND", unsorted.astype(jnp.float32), routing.weights)
-    return out.astype(x.dtype)
+    return unsorted.astype(jnp.float32).sum(1).astype(x.dtype)
 
 
 def dense_moe_oracle(

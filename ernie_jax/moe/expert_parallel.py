@@ -55,15 +55,19 @@ def _gather_fsdp(w_gate, w_up, w_down, d_axes):
 
 
 def _run_experts(
-    rows: jax.Array, local_ids: jax.Array, weights, options: ModelOptions, expected_rows: int
+    rows: jax.Array, local_ids: jax.Array, row_weights: jax.Array, weights, options: ModelOptions, expected_rows: int
 ) -> jax.Array:
-    """Expert SwiGLU for rows tagged with local expert ids (id E_loc: another device's expert, giving zeros).
+    """Expert SwiGLU for rows tagged with local expert ids (id E_loc: another device's expert, giving zeros), each
+    row weighted by its routing weight [M].
     expected_rows: how many rows the local experts get under balanced routing (for the kernels' cost estimates)."""
     order, group_sizes = sort_by_expert(local_ids, weights[0].shape[0])
     inverse = inverse_permutation(order)  # [M]
     # Sort and un-sort are both permute_rows: gathers forward and backward, no [M, D] scatters.
     xs = permute_rows(rows, order, inverse)
-    ys = expert_swiglu(xs, group_sizes, *weights, options=options, expected_rows=expected_rows)  # [M, D]
+    ws = permute_rows(row_weights, order, inverse)
+    ys = expert_swiglu(
+        xs, group_sizes, *weights, options=options, expected_rows=expected_rows, row_weights=ws
+    )  # [M, D]
     valid = jnp.arange(rows.shape[0]) < group_sizes.sum()
     ys = jnp.where(valid[:, None], ys, 0)  # rows past the local groups are not computed by the grouped matmul
     return permute_rows(ys, inverse, order)  # [M, D]
@@ -84,8 +88,9 @@ def _allgather_body(x, experts, weights, w_gate, w_up, w_down, *, options, ep_ax
     local_ids = jnp.where(is_local, local, e_loc).reshape(-1)  # [n * k]
     rows = repeat_rows(x, k)  # [n * k, D] each assignment's token
     ep = jax.lax.axis_size(ep_axes) if ep_axes else 1
-    ys = _run_experts(rows, local_ids, (w_gate, w_up, w_down), options, n * k // ep).reshape(n, k, -1)
-    y = jnp.einsum("NKD,NK->ND", ys.astype(jnp.float32), jnp.where(is_local, weights, 0.0))
+    row_weights = jnp.where(is_local, weights, 0.0).reshape(-1)  # [n * k]
+    ys = _run_experts(rows, local_ids, row_weights, (w_gate, w_up, w_down), options, n * k // ep)
+    y = ys.reshape(n, k, -1).astype(jnp.float32).sum(1)  # rows come weighted: [n, D]
     if f_axes:  # tensor-parallel down projection: partial sums over the F shards
         y = jax.lax.psum(y, f_axes)
     if ep_axes:
@@ -143,6 +148,25 @@ def receive_layout(kept: jax.Array) -> jax.Array:
     return expert_start[None] + source_start
 
 
+def received_row_sources(
+    kept: jax.Array, landing: jax.Array, sent_from: jax.Array, capacity: int, rows_per_source: int
+) -> jax.Array:
+    """For each row of one receiver's buffer, the row it came from in all senders' send buffers laid end to end
+    ([EP * rows_per_source]), or -1 for rows past the received ones.
+
+    kept, landing, sent_from: [src, E_loc] rows each source sent here per local expert, where they landed here
+    (`receive_layout`) and where they started in the source's send buffer."""
+    starts = landing.T.reshape(-1)  # [E_loc * src]: segments in buffer order (by local expert, then by source)
+    ends = starts + kept.T.reshape(-1)
+    rows = jnp.arange(capacity)
+    seg = jnp.searchsorted(ends, rows, side="right")  # the segment holding each row; E_loc * src past the end
+    last = ends.shape[0] - 1
+    src = jnp.minimum(seg, last) % kept.shape[0]
+    first = sent_from.T.reshape(-1)[jnp.minimum(seg, last)]
+    origin = src * rows_per_source + first + rows - starts[jnp.minimum(seg, last)]
+    return jnp.where(seg <= last, origin, -1)
+
+
 def _ragged_body(
     x,
     experts,
@@ -185,8 +209,17 @@ def _ragged_body(
         kept[:, me].reshape(-1),  # [src * E_loc]
         axis_name=ep_axes,
     )  # [capacity, D], sorted by local expert; rows past the groups stay zero
+    # The routing weights are applied here, so the results come back weighted: the backward pass then needs no
+    # copy of the returned rows, and the remat recompute no return exchange. They come by all_gather and a
+    # lookup: a ragged exchange of one fp32 per row would move a padded 128-lane row per row on TPU.
+    send_weights = permute_rows(weights.reshape(-1), order, inverse)  # [n * k] in send order
+    all_weights = jax.lax.all_gather(send_weights, ep_axes, axis=0, tiled=True)  # [EP * n * k]
+    source = received_row_sources(kept[:, me], landing[:, me], expert_offsets[:, me], capacity, n * k)
+    received_weights = jnp.where(source >= 0, all_weights[jnp.maximum(source, 0)], 0.0)  # [capacity]
     group_sizes = kept[:, me].sum(0)  # [E_loc]
-    ys = expert_swiglu(received, group_sizes, w_gate, w_up, w_down, options=options, expected_rows=n * k)
+    ys = expert_swiglu(
+        received, group_sizes, w_gate, w_up, w_down, options=options, expected_rows=n * k, row_weights=received_weights
+    )
     if f_axes:
         ys = jax.lax.psum(ys, f_axes)
     returned = ragged_all_to_all(
@@ -199,7 +232,7 @@ def _ragged_body(
         axis_name=ep_axes,
     )
     ys = permute_rows(returned, inverse, order).reshape(n, k, d)  # back to assignment order; dropped rows are 0
-    return jnp.einsum("NKD,NK->ND", ys.astype(jnp.float32), weights), dropped[None]
+    return ys.astype(jnp.float32).sum(1), dropped[None]  # [n, D]: the rows come weighted
 
 
 def expert_parallel_moe(
