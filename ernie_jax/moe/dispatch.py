@@ -50,8 +50,10 @@ def expert_swiglu(
     gmm = functools.partial(
         pallas_kernels.gmm, implementation=options.gmm_impl, platform=options.platform, cost_rows=expected_rows
     )
-    gate = gmm(xs, w_gate, group_sizes)  # [M, F]
-    up = gmm(xs, w_up, group_sizes)
+    # Gate and up as one grouped matmul of width 2F: each row is read once, and the backward's row gradient is
+    # one matmul instead of two summed.
+    gate_up = gmm(xs, jnp.concatenate([w_gate, w_up], axis=-1), group_sizes)  # [M, 2F]
+    gate, up = jnp.split(gate_up, 2, axis=-1)  # [M, F] each
     h = jax.nn.silu(gate) * up
     if row_weights is not None:
         h = (h * row_weights[:, None]).astype(gate.dtype)
