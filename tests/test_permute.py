@@ -13,8 +13,15 @@ import pytest
 
 import sharding
 from ernie_jax.moe import expert_parallel_moe
-from ernie_jax.moe.permute import inverse_permutation, permute_rows, repeat_rows
+from ernie_jax.moe.permute import (
+    inverse_permutation,
+    permute_repeated,
+    permute_rows,
+    repeat_rows,
+    unpermute_sum,
+)
 from ernie_jax.options import ModelOptions
+from tests.helpers import assert_close
 
 M, D = 13, 5
 
@@ -40,6 +47,45 @@ def test_permute_rows_matches_indexing_forward_and_grad(which):
     ours = jax.grad(lambda x: jnp.sum(permute_rows(repeat_rows(x, k), order, inverse_permutation(order)) * cot_k))(x)
     ref = jax.grad(lambda x: jnp.sum(x[order // k] * cot_k))(x)
     np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_permute_repeated_and_unpermute_sum_match_indexing(dtype):
+    """x[order // k] read straight from x, and its transpose (un-permute, sum each token's k rows in fp32):
+    values and gradients equal plain indexing's, and each one's gradient is the other."""
+    k = 3
+    x = jax.random.normal(jax.random.key(0), (M, D)).astype(dtype)
+    y = jax.random.normal(jax.random.key(1), (M * k, D)).astype(dtype)
+    order = jax.random.permutation(jax.random.key(2), M * k).astype(jnp.int32)
+    inverse = inverse_permutation(order)
+    cot_rows = jax.random.normal(jax.random.key(3), (M * k, D)).astype(dtype)
+    cot_tokens = jax.random.normal(jax.random.key(4), (M, D))
+
+    def ref_sum(y):
+        return y[inverse].reshape(M, k, D).astype(jnp.float32).sum(1)
+
+    np.testing.assert_array_equal(jax.jit(permute_repeated, static_argnums=1)(x, k, order, inverse), x[order // k])
+    summed = jax.jit(unpermute_sum, static_argnums=1)(y, k, inverse, order)
+    assert summed.dtype == jnp.float32
+    np.testing.assert_array_equal(summed, ref_sum(y))
+    for ours, ref, arg in (
+        (
+            lambda x: jnp.sum(permute_repeated(x, k, order, inverse) * cot_rows),
+            lambda x: jnp.sum(x[order // k] * cot_rows),
+            x,
+        ),
+        (
+            lambda y: jnp.sum(unpermute_sum(y, k, inverse, order) * cot_tokens),
+            lambda y: jnp.sum(ref_sum(y) * cot_tokens),
+            y,
+        ),
+    ):
+        got = jax.jit(jax.grad(ours))(arg)
+        assert got.dtype == arg.dtype
+        # The reference in fp32 (indexing's own bf16 gradient rounds after every one of the k adds; ours sums the
+        # k rows in fp32 and rounds once).
+        want = jax.grad(ref)(arg.astype(jnp.float32))
+        assert_close(got, want.astype(arg.dtype), dtype)
 
 
 def _float_ops(jaxpr, is_match) -> list[str]:

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 import pallas_kernels
-from ernie_jax.moe.permute import inverse_permutation, permute_rows, repeat_rows
+from ernie_jax.moe.permute import inverse_permutation, permute_repeated, permute_rows, unpermute_sum
 from ernie_jax.moe.routing import Routing
 from ernie_jax.options import ModelOptions
 
@@ -69,7 +69,7 @@ def dropless_moe(
     *,
     options: ModelOptions = ModelOptions(),
 ) -> jax.Array:
-    """Every assignment is computed (no capacity): sort by expert, grouped matmul, unsort, weight, sum.
+    """Every assignment is computed (no capacity): sort by expert, weighted grouped SwiGLU, unsort and sum.
 
     x [N, D] -> [N, D] in x's dtype.
     """
@@ -78,11 +78,10 @@ def dropless_moe(
     order, group_sizes = sort_by_expert(routing.experts, w_gate.shape[0])
     inverse = inverse_permutation(order)
     # Permutations of the k-repeated rows: gathers forward and backward, no [N*k, D] scatters.
-    xs = permute_rows(repeat_rows(x, k), order, inverse)  # [N*k, D], rows grouped by expert
+    xs = permute_repeated(x, k, order, inverse)  # [N*k, D], rows grouped by expert
     ws = permute_rows(routing.weights.reshape(-1), order, inverse)  # [N*k] their routing weights
     ys = expert_swiglu(xs, group_sizes, w_gate, w_up, w_down, options=options, row_weights=ws)  # [N*k, D] weighted
-    unsorted = permute_rows(ys, inverse, order).reshape(n, k, d)  # [N, k, D]
-    return unsorted.astype(jnp.float32).sum(1).astype(x.dtype)
+    return unpermute_sum(ys, k, inverse, order).astype(x.dtype)  # each token's k rows summed: [N, D]
 
 
 def dense_moe_oracle(

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
 from ernie_jax.moe.dispatch import expert_swiglu, sort_by_expert
-from ernie_jax.moe.permute import inverse_permutation, permute_rows, repeat_rows
+from ernie_jax.moe.permute import inverse_permutation, permute_repeated, permute_rows, repeat_rows, unpermute_sum
 from ernie_jax.options import ModelOptions
 from sharding.rules import DEFAULT_RULES, ShardingError, axes_tuple, logical_to_spec
 
@@ -189,8 +189,8 @@ def _ragged_body(
     me = jax.lax.axis_index(ep_axes)
     order, counts = sort_by_expert(experts, ep * e_loc)  # by global expert, hence grouped by destination device
     inverse = inverse_permutation(order)  # [n * k]; counts [E] assignments per expert from this device
-    # x[order // k] as a permutation of the repeated rows, so its gradient is a gather, not a scatter-add.
-    send_rows = permute_rows(repeat_rows(x, k), order, inverse)  # [n * k, D]
+    # x[order // k] whose gradient is a gather and a sum over k, not a scatter-add.
+    send_rows = permute_repeated(x, k, order, inverse)  # [n * k, D]
     all_counts = jax.lax.all_gather(counts, ep_axes, axis=0, tiled=False)  # [EP_src, E]
     wanted = all_counts.reshape(ep, ep, e_loc).sum(-1)  # [src, dst] rows to send
     capacity = buffer_rows(n, k, ep, options.moe_buffer_factor)
@@ -231,8 +231,8 @@ def _ragged_body(
         kept[me].reshape(-1),
         axis_name=ep_axes,
     )
-    ys = permute_rows(returned, inverse, order).reshape(n, k, d)  # back to assignment order; dropped rows are 0
-    return ys.astype(jnp.float32).sum(1), dropped[None]  # [n, D]: the rows come weighted
+    # Each token's k rows (weighted; a dropped one is 0) summed in fp32: [n, D].
+    return unpermute_sum(returned, k, inverse, order), dropped[None]
 
 
 def expert_parallel_moe(

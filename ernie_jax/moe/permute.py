@@ -9,6 +9,8 @@ one that builds the inverse.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -61,3 +63,61 @@ def permute_rows(x: jax.Array, perm: jax.Array, inverse: jax.Array | None = None
     if inverse is None:
         inverse = inverse_permutation(perm)
     return _permute_rows(x, perm, inverse)
+
+
+def _take_rows(x: jax.Array, idx: jax.Array) -> jax.Array:
+    # idx may repeat rows (order // k): in bounds, non-negative, not unique.
+    return x.at[idx].get(mode="promise_in_bounds", wrap_negative_indices=False)
+
+
+def _sum_unpermuted(y: jax.Array, inverse: jax.Array, k: int) -> jax.Array:
+    n = inverse.shape[0] // k
+    rows = _gather_rows(y, inverse.reshape(n, k))  # [n, k, D]: each token's k rows, read straight into place
+    return rows.astype(jnp.float32).sum(1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _permute_repeated(x, order, inverse, k):
+    return _take_rows(x, order // k)
+
+
+def _permute_repeated_fwd(x, order, inverse, k):
+    return _take_rows(x, order // k), (order, inverse)
+
+
+def _permute_repeated_bwd(k, residuals, ct):
+    order, inverse = residuals
+    return _sum_unpermuted(ct, inverse, k).astype(ct.dtype), None, None
+
+
+_permute_repeated.defvjp(_permute_repeated_fwd, _permute_repeated_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _unpermute_sum(y, inverse, order, k, dtype):
+    return _sum_unpermuted(y, inverse, k)
+
+
+def _unpermute_sum_fwd(y, inverse, order, k, dtype):
+    return _sum_unpermuted(y, inverse, k), order
+
+
+def _unpermute_sum_bwd(k, dtype, order, ct):
+    return _take_rows(ct, order // k).astype(dtype), None, None
+
+
+_unpermute_sum.defvjp(_unpermute_sum_fwd, _unpermute_sum_bwd)
+
+
+def permute_repeated(x: jax.Array, k: int, order: jax.Array, inverse: jax.Array) -> jax.Array:
+    """`permute_rows(repeat_rows(x, k), order, inverse)` = x[order // k], [n, D] -> [n * k, D], read straight from
+    x: the k-fold repeated copy is never written. Its gradient is `unpermute_sum` of the cotangent (gathers and
+    a sum over k, no scatter-add)."""
+    return _permute_repeated(x, order, inverse, k)
+
+
+def unpermute_sum(y: jax.Array, k: int, inverse: jax.Array, order: jax.Array) -> jax.Array:
+    """The transpose of `permute_repeated`: y [n * k, D] in `order`, back to each token's k rows and summed in
+    fp32 -> [n, D] fp32 (permute_rows(y, inverse).reshape(n, k, D).sum(1) without the un-permuted copy). Its
+    gradient is `permute_repeated` of the cotangent."""
+    return _unpermute_sum(y, inverse, order, k, jnp.dtype(y.dtype))
