@@ -72,8 +72,10 @@ def _take_rows(x: jax.Array, idx: jax.Array) -> jax.Array:
 
 def _sum_unpermuted(y: jax.Array, inverse: jax.Array, k: int) -> jax.Array:
     n = inverse.shape[0] // k
-    rows = _gather_rows(y, inverse.reshape(n, k))  # [n, k, D]: each token's k rows, read straight into place
-    return rows.astype(jnp.float32).sum(1)
+    # [k, n, D]: each token's k rows, read straight into place. k leads so that the gathered [k * n, D] rows are
+    # already [k, n, D] in memory; [n, k, D] would take a relayout pass before the sum.
+    rows = _gather_rows(y, inverse.reshape(n, k).T)
+    return rows.astype(jnp.float32).sum(0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
