@@ -26,6 +26,9 @@ REMAT_POLICIES = {  # ModelOptions.remat -> what the backward pass may keep inst
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "dots_all": jax.checkpoint_policies.checkpoint_dots,
+    # The flash kernel's keys, values, output and softmax statistics: the backward recomputes the FFN/MoE, the
+    # query and output projections, not the kernel and the key and value projections.
+    "attention": jax.checkpoint_policies.save_only_these_names("flash_kv", "flash_out"),
 }
 assert tuple(REMAT_POLICIES) == REMAT_CHOICES
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-REMAT_CHOICES = ("none", "full", "dots", "dots_all")  # what each one saves: ernie_jax.model.REMAT_POLICIES
+REMAT_CHOICES = ("none", "full", "dots", "dots_all", "attention")  # what each one saves: ernie_jax.model.REMAT_POLICIES
 KERNEL_IMPLEMENTATIONS = ("auto", "xla", "pallas")  # see pallas_kernels: auto = Pallas on TPU/GPU, jnp on CPU
 PLATFORMS = ("auto", "tpu", "gpu", "cpu")
 MOE_TRANSPORTS = ("allgather", "ragged_a2a")

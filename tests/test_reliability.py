@@ -201,7 +201,7 @@ def test_help_lists_allowed_values(capsys):
     out = capsys.readouterr().out
     assert "nonfinite (skip | stop)" in out
     assert "optim.decay (cosine | linear | constant)" in out
-    assert "remat (none | full | dots | dots_all)" in out
+    assert "remat (none | full | dots | dots_all | attention)" in out
     assert "export_dtype (auto | float32 | bfloat16 | float16)" in out
 
 

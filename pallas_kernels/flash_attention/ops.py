@@ -11,6 +11,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from pallas_kernels.common import match_vma, pick_tile, round_up
 
@@ -36,11 +37,20 @@ def _flash(q, k, v, q_seg, kv_seg, cfg, kernel):
 
 def _flash_fwd(q, k, v, q_seg, kv_seg, cfg, kernel):
     o, lse = _module(kernel).forward(q, k, v, q_seg, kv_seg, cfg)
+    # Named, so a remat policy can keep them and skip this kernel when the backward recomputes a layer. The TPU
+    # kernel's lse [B, N, T, 1] is kept without its unit lane axis (as it is, fp32, it is padded to 128 lanes).
+    if kernel == "tpu":
+        lse = lse[..., 0]
+    q = checkpoint_name(q, "flash_q")
+    k, v = checkpoint_name(k, "flash_kv"), checkpoint_name(v, "flash_kv")
+    o, lse = checkpoint_name(o, "flash_out"), checkpoint_name(lse, "flash_out")
     return o, (q, k, v, q_seg, kv_seg, o, lse)
 
 
 def _flash_bwd(cfg, kernel, residuals, do):
     q, k, v, q_seg, kv_seg, o, lse = residuals
+    if kernel == "tpu":
+        lse = lse[..., None]
     dq, dk, dv = _module(kernel).backward(q, k, v, q_seg, kv_seg, o, lse, do, cfg)
     return dq, dk, dv, None, None
 
