@@ -1,6 +1,6 @@
 """ERNIE-4.5-300B-A47B pretraining on a TPU v5p-512 slice (256 chips; v5p-N counts TensorCores): FSDP 32 x expert 8,
-seq 4096, bf16, full remat. On v5p-256 (128 chips, mesh.fsdp=16) the 512-row batch needs 122 GB per chip: use
-data.global_batch_size=128 (76.5 GB per chip in `python -m ernie_jax.aot --config=a47b_tpu --topology=v5p-256`)."""
+seq 4096, bf16, full remat. On v5p-256 (128 chips, mesh.fsdp=16) the 512-row batch needs 123 GB per chip: use
+data.global_batch_size=128 (76.9 GB per chip in `python -m ernie_jax.aot --config=a47b_tpu --topology=v5p-256`)."""
 
 from ernie_jax.config import ERNIE_4_5_300B_A47B
 from ernie_jax.data import DataConfig
