@@ -98,7 +98,7 @@ class Case:
     pixel_values_videos: np.ndarray | None = None
 
 
-def _row(parts, rng) -> tuple[list[int], list[int]]:
+def vl_row(parts, rng) -> tuple[list[int], list[int]]:
     """parts: int n = n random text tokens; ("image" | "video", n) = start, n placeholders, end."""
     ids, types = [], []
     for part in parts:
@@ -115,19 +115,21 @@ def _row(parts, rng) -> tuple[list[int], list[int]]:
     return ids, types
 
 
-def _pixels(grid, rng) -> np.ndarray:
+def random_patches(grid, rng) -> np.ndarray:
     return rng.randn(int(np.prod(grid, axis=-1).sum()), PATCH_DIM).astype(np.float32)
 
 
 def make_cases() -> dict[str, Case]:
     rng = np.random.RandomState(7)
     cases = {"text_only": Case(ids=rng.randint(0, 200, (2, 12)), mm_types=np.zeros((2, 12), np.int64))}
-    ids, types = _row([3, ("image", 6), 4], rng)  # one 4x6-patch image -> 2x3 merged tokens
+    ids, types = vl_row([3, ("image", 6), 4], rng)  # one 4x6-patch image -> 2x3 merged tokens
     grid = np.array([[1, 4, 6]])
-    cases["one_image"] = Case(np.array([ids]), np.array([types]), image_grid=grid, pixel_values=_pixels(grid, rng))
+    cases["one_image"] = Case(
+        np.array([ids]), np.array([types]), image_grid=grid, pixel_values=random_patches(grid, rng)
+    )
     # Row 0: two images of different sizes (4x6 and 2x4 patches); row 1: a 6x4 image, left-padded to the same length.
-    ids0, types0 = _row([2, ("image", 6), 3, ("image", 2), 2], rng)
-    ids1, types1 = _row([2, ("image", 6), 2], rng)
+    ids0, types0 = vl_row([2, ("image", 6), 3, ("image", 2), 2], rng)
+    ids1, types1 = vl_row([2, ("image", 6), 2], rng)
     pad = len(ids0) - len(ids1)
     grid = np.array([[1, 4, 6], [1, 2, 4], [1, 6, 4]])
     cases["two_images_padded"] = Case(
@@ -135,20 +137,22 @@ def make_cases() -> dict[str, Case]:
         mm_types=np.array([types0, [0] * pad + types1]),
         attention_mask=np.array([[1] * len(ids0), [0] * pad + [1] * len(ids1)]),
         image_grid=grid,
-        pixel_values=_pixels(grid, rng),
+        pixel_values=random_patches(grid, rng),
     )
-    ids, types = _row([3, ("video", 8), 3], rng)  # 4 frames of 4x4 patches -> 2 x (2x2) tokens
+    ids, types = vl_row([3, ("video", 8), 3], rng)  # 4 frames of 4x4 patches -> 2 x (2x2) tokens
     grid = np.array([[4, 4, 4]])
-    cases["video"] = Case(np.array([ids]), np.array([types]), video_grid=grid, pixel_values_videos=_pixels(grid, rng))
-    ids, types = _row([2, ("video", 4), 2, ("image", 2), 2], rng)  # 2 frames of 4x4; a 2x4 image
+    cases["video"] = Case(
+        np.array([ids]), np.array([types]), video_grid=grid, pixel_values_videos=random_patches(grid, rng)
+    )
+    ids, types = vl_row([2, ("video", 4), 2, ("image", 2), 2], rng)  # 2 frames of 4x4; a 2x4 image
     image_grid, video_grid = np.array([[1, 2, 4]]), np.array([[2, 4, 4]])
     cases["video_and_image"] = Case(
         np.array([ids]),
         np.array([types]),
         image_grid=image_grid,
-        pixel_values=_pixels(image_grid, rng),
+        pixel_values=random_patches(image_grid, rng),
         video_grid=video_grid,
-        pixel_values_videos=_pixels(video_grid, rng),
+        pixel_values_videos=random_patches(video_grid, rng),
     )
     return cases
 

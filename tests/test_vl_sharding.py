@@ -15,7 +15,7 @@ from flax import nnx
 import ernie_jax.vl as vl
 import sharding
 from tests.helpers import assert_close
-from tests.test_vl_parity import _pixels, _row, hf_vl_model
+from tests.test_vl_parity import hf_vl_model, random_patches, vl_row
 
 MESHES = {
     "data2_expert4": dict(data=2, expert=4),
@@ -26,16 +26,16 @@ MESHES = {
 def _batch():
     """Two rows of 16 tokens (32 tokens: divisible by the 8 batch shards): two images, then a video."""
     rng = np.random.RandomState(3)
-    ids0, types0 = _row([1, ("image", 6), 1, ("image", 2), 2], rng)
-    ids1, types1 = _row([3, ("video", 8), 3], rng)
+    ids0, types0 = vl_row([1, ("image", 6), 1, ("image", 2), 2], rng)
+    ids1, types1 = vl_row([3, ("video", 8), 3], rng)
     image_grid, video_grid = np.array([[1, 4, 6], [1, 2, 4]]), np.array([[4, 4, 4]])
     return dict(
         ids=np.array([ids0, ids1]),
         mm_types=np.array([types0, types1]),
         image_grid=image_grid,
-        pixel_values=_pixels(image_grid, rng),
+        pixel_values=random_patches(image_grid, rng),
         video_grid=video_grid,
-        pixel_values_videos=_pixels(video_grid, rng),
+        pixel_values_videos=random_patches(video_grid, rng),
     )
 
 
