@@ -2,39 +2,105 @@
 
 `lax.ragged_dot` on XLA:CPU broadcasts lhs to every group (G times the FLOPs). Here each group's rows are padded to a
 multiple of `tile` and laid out contiguously, every tile takes its group's weight, and one batched matmul does the
-work: FLOPs ~ (M + G * tile) * K * N instead of G * M * K * N. Differentiable by plain autodiff (gathers/scatters).
+work: FLOPs ~ (M + G * tile) * K * N instead of G * M * K * N.
+
+The gradient is written by hand (`custom_vjp`) so that the backward keeps only what it was given (lhs, rhs and the
+group sizes) and rebuilds the tile layout, which is a few integer ops and one row scatter. Plain autodiff would
+keep the per-tile copies of the weights and rows ([tiles, K, N], [tiles, tile, K]) alive until the backward: under
+the layer scan, a zero-filled stack of them per layer, which on XLA:CPU costs more than the matmuls.
 """
 
 from __future__ import annotations
+
+import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 
-def gmm_blocked(
-    lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, tile: int = 64, preferred_element_type=None
-) -> jax.Array:
-    """[M, K] x [G, K, N] -> [M, N]; lhs rows sorted by group; rows past sum(group_sizes) come out zero."""
-    m, k = lhs.shape
-    g, _, n = rhs.shape
-    tile = max(1, min(tile, m))
+class TileLayout(NamedTuple):
+    """Where each row goes in the padded, tile-aligned buffer: `dest` [M] (cap for rows past sum(group_sizes),
+    which are dropped), `valid` [M], and each tile's group `tile_group` [tiles]."""
+
+    dest: jax.Array
+    valid: jax.Array
+    tile_group: jax.Array
+
+
+def _layout(group_sizes: jax.Array, m: int, tile: int, num_tiles: int) -> TileLayout:
+    g = group_sizes.shape[0]
     sizes = group_sizes.astype(jnp.int32)
     ends = jnp.cumsum(sizes)
     starts = ends - sizes
     padded = (sizes + tile - 1) // tile * tile  # each group's rows rounded up to whole tiles
     padded_ends = jnp.cumsum(padded)
     padded_starts = padded_ends - padded
-    num_tiles = -(-(m + g * (tile - 1)) // tile)  # static bound on tiles over all groups
-    cap = num_tiles * tile
     rows = jnp.arange(m)
     row_group = jnp.searchsorted(ends, rows, side="right")  # == g for rows past sum(group_sizes)
     valid = row_group < g
     group = jnp.minimum(row_group, g - 1)
-    dest = jnp.where(valid, padded_starts[group] + rows - starts[group], cap)  # cap: dropped
-    x = jnp.zeros((cap, k), lhs.dtype).at[dest].set(lhs, mode="drop")  # [cap, K]
+    dest = jnp.where(valid, padded_starts[group] + rows - starts[group], num_tiles * tile)  # cap: dropped
     tile_group = jnp.minimum(jnp.searchsorted(padded_ends, jnp.arange(num_tiles) * tile, side="right"), g - 1)
-    w = rhs[tile_group]  # [tiles, K, N]: each tile's group weight
-    y = jnp.einsum("TRK,TKN->TRN", x.reshape(num_tiles, tile, k), w, preferred_element_type=jnp.float32)
-    out = y.reshape(cap, n)[jnp.minimum(dest, cap - 1)]  # back to the original row order
-    out = jnp.where(valid[:, None], out, 0.0)
-    return out.astype(preferred_element_type or lhs.dtype)
+    return TileLayout(dest, valid, tile_group)
+
+
+def _to_tiles(rows: jax.Array, layout: TileLayout, tile: int, num_tiles: int) -> jax.Array:
+    """[M, C] rows -> [tiles, tile, C], padding rows zero."""
+    buffer = jnp.zeros((num_tiles * tile, rows.shape[1]), rows.dtype)
+    return buffer.at[layout.dest].set(rows, mode="drop").reshape(num_tiles, tile, rows.shape[1])
+
+
+def _from_tiles(tiles: jax.Array, layout: TileLayout) -> jax.Array:
+    """[tiles, tile, C] -> [M, C] in the original row order; rows past sum(group_sizes) zero."""
+    flat = tiles.reshape(-1, tiles.shape[-1])
+    out = flat[jnp.minimum(layout.dest, flat.shape[0] - 1)]
+    return jnp.where(layout.valid[:, None], out, 0)
+
+
+def _num_tiles(m: int, g: int, tile: int) -> int:
+    return -(-(m + g * (tile - 1)) // tile)  # static bound on tiles over all groups
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _gmm_blocked(lhs, rhs, group_sizes, tile, out_dtype):
+    out, _ = _gmm_blocked_fwd(lhs, rhs, group_sizes, tile, out_dtype)
+    return out
+
+
+def _gmm_blocked_fwd(lhs, rhs, group_sizes, tile, out_dtype):
+    m, num_groups = lhs.shape[0], rhs.shape[0]
+    num_tiles = _num_tiles(m, num_groups, tile)
+    layout = _layout(group_sizes, m, tile, num_tiles)
+    x = _to_tiles(lhs, layout, tile, num_tiles)  # [tiles, tile, K]
+    y = jnp.einsum("TRK,TKN->TRN", x, rhs[layout.tile_group], preferred_element_type=jnp.float32)
+    return _from_tiles(y, layout).astype(out_dtype), (lhs, rhs, group_sizes)
+
+
+def _gmm_blocked_bwd(tile, out_dtype, residuals, cotangent):
+    lhs, rhs, group_sizes = residuals
+    m, num_groups = lhs.shape[0], rhs.shape[0]
+    num_tiles = _num_tiles(m, num_groups, tile)
+    layout = _layout(group_sizes, m, tile, num_tiles)
+    dy = _to_tiles(cotangent, layout, tile, num_tiles)  # [tiles, tile, N]; padding and dropped rows zero
+    x = _to_tiles(lhs, layout, tile, num_tiles)  # [tiles, tile, K]
+    # d lhs: each tile's rows times its group's weight, transposed.
+    dx = jnp.einsum("TRN,TKN->TRK", dy, rhs[layout.tile_group], preferred_element_type=jnp.float32)
+    # d rhs: per tile x^T dy, summed over the tiles of each group (tiles are in group order).
+    dw_tiles = jnp.einsum("TRK,TRN->TKN", x, dy, preferred_element_type=jnp.float32)  # [tiles, K, N]
+    dw = jax.ops.segment_sum(dw_tiles, layout.tile_group, num_segments=num_groups, indices_are_sorted=True)
+    # Integer group sizes get a float0 cotangent.
+    d_sizes = jnp.zeros(group_sizes.shape, jax.dtypes.float0)
+    return _from_tiles(dx, layout).astype(lhs.dtype), dw.astype(rhs.dtype), d_sizes
+
+
+_gmm_blocked.defvjp(_gmm_blocked_fwd, _gmm_blocked_bwd)
+
+
+def gmm_blocked(
+    lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *, tile: int = 64, preferred_element_type=None
+) -> jax.Array:
+    """[M, K] x [G, K, N] -> [M, N]; lhs rows sorted by group; rows past sum(group_sizes) come out zero."""
+    tile = max(1, min(tile, lhs.shape[0]))
+    out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
+    return _gmm_blocked(lhs, rhs, group_sizes, tile, out_dtype)
