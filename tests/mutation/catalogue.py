@@ -440,4 +440,12 @@ MUTATIONS: tuple[Mutation, ...] = (
         ("tests/test_speculative.py::test_greedy_speculative_equals_plain_greedy",),
         "a rejected draft's keys and values stay in the cache and every later token attends to them",
     ),
+    Mutation(
+        "blocked_gmm_weight_grad_to_wrong_expert",
+        "pallas_kernels/gmm/blocked.py",
+        "dw = jax.ops.segment_sum(dw_tiles, layout.tile_group, num_segments=num_groups, indices_are_sorted=True)",
+        "dw = jax.ops.segment_sum(dw_tiles, jnp.arange(num_tiles) % num_groups, num_segments=num_groups)",
+        ("tests/test_gmm_blocked.py",),
+        "on CPU each tile's expert-weight gradient lands on the wrong expert (tiles dealt round-robin)",
+    ),
 )
