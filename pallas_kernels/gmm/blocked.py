@@ -18,6 +18,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.common import match_vma
+
 
 class TileLayout(NamedTuple):
     """Where each row goes in the padded, tile-aligned buffer: `dest` [M] (cap for rows past sum(group_sizes),
@@ -103,4 +105,7 @@ def gmm_blocked(
     """[M, K] x [G, K, N] -> [M, N]; lhs rows sorted by group; rows past sum(group_sizes) come out zero."""
     tile = max(1, min(tile, lhs.shape[0]))
     out_dtype = jnp.dtype(preferred_element_type or lhs.dtype)
+    # Inside shard_map a replicated weight next to sharded rows gets sharded-row gradients; marking both varying
+    # first lets autodiff sum the weight gradient over the axes it is replicated on (the transpose of the cast).
+    lhs, rhs, group_sizes = match_vma(lhs, rhs, group_sizes)
     return _gmm_blocked(lhs, rhs, group_sizes, tile, out_dtype)
