@@ -36,6 +36,7 @@ import warnings
 
 warnings.filterwarnings("ignore", message="IProgress not found")  # tqdm's notice when ipywidgets is not installed
 
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -58,12 +59,12 @@ print(f"JAX {jax.__version__} on {jax.default_backend()}: {jax.device_count()} x
 # %% [markdown]
 # ## 1. The runs
 #
-# 200 steps of 16 × 128 bytes each, the preset's MTP head left out (it has nothing to do with routing), the final
-# model exported in float32 to read its biases back.
+# 200 steps of 16 × 128 bytes each (`MOE_STEPS=N` in the environment for a quicker look), the preset's MTP head
+# left out (it has nothing to do with routing), the final model exported in float32 to read its biases back.
 
 # %%
 work = Path(tempfile.mkdtemp(prefix="ernie-moe-"))
-STEPS, RATE = 200, 1e-3  # RATE: the preset's bias_update_rate (ERNIE's)
+STEPS, RATE = int(os.environ.get("MOE_STEPS", 200)), 1e-3  # RATE: the preset's bias_update_rate (ERNIE's)
 
 
 def run_config(name: str, rate: float):

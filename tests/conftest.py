@@ -6,6 +6,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 # libtpu takes a per-host lock; the TPU AOT tests only compile, so several processes may load it at once.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+# Most of a test's time is XLA:CPU compiling small programs, and its backend optimisation level 0 compiles them
+# about 30% faster (two mesh and checkpoint tests: 73 s -> 52 s) at slower run time, which tests barely have.
+# Subprocess tests run as a user's shell does, without it (tests/test_fault_injection.py `environment`); TPU
+# compiles through libtpu give the same report with it.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
 import jax  # noqa: E402
 

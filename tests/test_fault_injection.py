@@ -37,8 +37,9 @@ COMPILE_CACHE = tempfile.mkdtemp(prefix="ernie-jax-test-compile-cache-")
 
 def environment() -> dict[str, str]:
     """A user's shell: no test-only JAX settings (libtpu noise must be kept away by the package itself), plus the
-    session's compilation cache."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "TPU_", "XLA_"))}
+    session's compilation cache. XLA_FLAGS stays: it carries only conftest's faster XLA:CPU compile level unless the
+    caller set more."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "TPU_"))}
     env["PYTHONPATH"] = ROOT  # as after `pip install -e .`, without depending on the caller's working directory
     env.update(
         JAX_COMPILATION_CACHE_DIR=COMPILE_CACHE,
