@@ -69,3 +69,8 @@ def project_logs(caplog):
     yield caplog
     for logger, propagate in zip(loggers, before, strict=True):
         logger.propagate = propagate
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `first` run first: started last, one would keep a worker busy alone at the end of the run."""
+    items.sort(key=lambda item: item.get_closest_marker("first") is None)  # stable: otherwise collection order

@@ -281,6 +281,7 @@ def test_from_pretrained_failures_name_the_path(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------------
 # The first thing a newcomer sees: the embedded default learns words
 @pytest.mark.slow
+@pytest.mark.first  # about 3 minutes alone, 8 beside the other worker
 def test_the_embedded_default_ends_below_1_7_nats_with_a_sample_of_words(tmp_path):
     import subprocess
     import sys

@@ -97,7 +97,10 @@ def test_vl_sharding_expert_parallel_matches_single_device(reference, mesh_name)
         assert_close(losses[name], value, np.float32, f"{mesh_name} {name}")
     worst_grad = 0.0
     for (path, g), (_, r) in zip(nnx.to_flat_state(grads), nnx.to_flat_state(ref_grads), strict=True):
-        worst_grad = max(worst_grad, assert_close(g.get_value(), r.get_value(), np.float32, f"{mesh_name} {path}"))
+        # The embedding's gradient sums every token's contribution (values up to ~80) in a mesh-dependent order.
+        worst_grad = max(
+            worst_grad, assert_close(g.get_value(), r.get_value(), np.float32, f"{mesh_name} {path}", scaled=True)
+        )
     shown = ", ".join(f"{name}={float(value):.4f}" for name, value in losses.items())
     print(f"[vl-sharding] {mesh_name}: max|dlogit|={worst_logit:.2e} max|dgrad|={worst_grad:.2e} ({shown})")
     for pool in ("text", "vision"):  # every device holds only its share of each pool's experts
