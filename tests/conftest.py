@@ -8,8 +8,8 @@ os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 # Most of a test's time is XLA:CPU compiling small programs, and its backend optimisation level 0 compiles them
 # about 30% faster (two mesh and checkpoint tests: 73 s -> 52 s) at slower run time, which tests barely have.
-# Subprocess tests run as a user's shell does, without it (tests/test_fault_injection.py `environment`); TPU
-# compiles through libtpu give the same report with it.
+# Subprocess trainers inherit it, except the embedded-default run, which is timed by its steps and runs as a user
+# runs it; TPU compiles through libtpu give the same report with it.
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 

@@ -31,3 +31,33 @@ def test_blocked_gmm_matches_twin_with_ragged_and_empty_groups(sizes):
     (_, (da_b, db_b)), (_, (da_r, db_r)) = _f_blocked(lhs, rhs, group_sizes, cot), _f_ref(lhs, rhs, group_sizes, cot)
     assert_close(da_b, da_r, np.float32, "dlhs")
     assert_close(db_b, db_r, np.float32, "drhs")
+
+
+def test_blocked_gmm_inside_shard_map_sums_the_replicated_weight_gradient():
+    """Rows split over devices, the expert weights replicated (as in the expert-parallel shard_map bodies): the
+    weight gradient must be the sum over the shards, not one shard's, and must be accepted by shard_map's checks."""
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((2,), ("rows",), devices=jax.devices()[:2])
+    keys = jax.random.split(jax.random.key(0), 3)
+    lhs = jax.random.normal(keys[0], (2 * M, K))
+    rhs = jax.random.normal(keys[1], (G, K, N))
+    cot = jax.random.normal(keys[2], (2 * M, N))
+    group_sizes = jnp.asarray([9, 0, 14, 3, 10], jnp.int32)  # each shard's own rows, sorted by group
+
+    def loss(fn, a, b, gs, c):
+        body = jax.shard_map(
+            lambda a, b, gs, c: jax.lax.psum(jnp.sum(fn(a, b, gs) * c), "rows"),
+            mesh=mesh,
+            in_specs=(P("rows"), P(), P(), P("rows")),
+            out_specs=P(),
+        )
+        return body(a, b, gs, c)
+
+    rows, replicated = jax.NamedSharding(mesh, P("rows")), jax.NamedSharding(mesh, P())
+    args = (jax.device_put(lhs, rows), jax.device_put(rhs, replicated), jax.device_put(group_sizes, replicated))
+    args += (jax.device_put(cot, rows),)
+    blocked = jax.jit(jax.grad(lambda *a: loss(lambda *x: gmm_blocked(*x, tile=8), *a), argnums=(0, 1)))
+    twin = jax.jit(jax.grad(lambda *a: loss(gmm_reference, *a), argnums=(0, 1)))
+    for got, want, what in zip(blocked(*args), twin(*args), ("d lhs", "d rhs"), strict=True):
+        assert_close(got, want, np.float32, what)
