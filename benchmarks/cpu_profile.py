@@ -6,8 +6,9 @@ time attributed to the line of this repository that emitted it.
 Prints the median wall time of a step, the op time per step summed over XLA's threads (it can exceed the wall time
 when ops run side by side), and the source lines that account for most of it. Ops XLA made on its own, without a
 source location (mostly the layer scan's buffer copies and zero-fills), are listed as "(no source line)".
-The model is the one `cpu_vs_transformers` measures (the tiny preset without its MTP head), in fp32, with random
-weights; the training step is value, gradient and AdamW, as there.
+The model is the one `cpu_vs_transformers` measures (the tiny preset without its MTP head, with the preset's remat
+policy unless --remat says otherwise), in fp32, with random weights; the training step is value, gradient and
+AdamW, as there.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ import optax
 from flax import nnx
 
 import ernie_jax
+from ernie_jax.model import with_options
+from ernie_jax.options import REMAT_CHOICES
 from ernie_jax.training.config import load_preset
 from ernie_jax.training.losses import cross_entropy_sum
 
@@ -85,10 +88,13 @@ def main(argv=None) -> dict[str, float]:
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--remat", choices=REMAT_CHOICES, help="the layer scan's remat policy (default: the preset's)")
     args = parser.parse_args(argv)
 
-    cfg = load_preset("tiny").model.replace(num_nextn_predict_layers=0)
-    model = ernie_jax.ErnieForCausalLM(cfg, rngs=nnx.Rngs(0))
+    preset = load_preset("tiny")
+    args.remat = args.remat or preset.remat
+    cfg = preset.model.replace(num_nextn_predict_layers=0)
+    model = with_options(ernie_jax.ErnieForCausalLM(cfg, rngs=nnx.Rngs(0)), remat=args.remat)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     ids = np.random.RandomState(0).randint(0, cfg.vocab_size, (args.batch, args.seq + 1))
     inputs, targets = jnp.asarray(ids[:, :-1]), jnp.asarray(ids[:, 1:])
@@ -130,7 +136,8 @@ def main(argv=None) -> dict[str, float]:
         per_line[lines[event["name"]]] += event["dur"] / 1e3 / args.steps  # microseconds -> ms per step
     total = sum(per_line.values())
     what = "forward" if args.forward else "training step (value, gradient, AdamW)"
-    print(f"tiny preset {what}, batch {args.batch} x {args.seq}, fp32, {jax.devices()[0].device_kind}")
+    device = jax.devices()[0].device_kind
+    print(f"tiny preset {what}, batch {args.batch} x {args.seq}, fp32, remat={args.remat}, {device}")
     print(f"wall {np.median(times) * 1e3:.1f} ms per step (median); op time {total:.1f} ms per step over all threads")
     for line, ms in per_line.most_common(args.top):
         path, _, number = line.rpartition(":")

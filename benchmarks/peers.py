@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 import ernie_jax
 from ernie_jax.config import ErnieConfig
+from ernie_jax.model import with_options
 from ernie_jax.training.config import load_preset
 
 
@@ -18,7 +19,8 @@ def tiny_pair(seed: int = 0):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     # transformers has no MTP head: the pair is the main model only.
-    cfg: ErnieConfig = load_preset("tiny").model.replace(num_nextn_predict_layers=0)
+    preset = load_preset("tiny")
+    cfg: ErnieConfig = preset.model.replace(num_nextn_predict_layers=0)
     hf_cfg = cfg.to_hf_config()
     model_type = hf_cfg.pop("model_type")
     hf_cfg.pop("architectures")
@@ -26,4 +28,6 @@ def tiny_pair(seed: int = 0):
     torch_model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **hf_cfg)).float()
     path = tempfile.mkdtemp(prefix="ernie-bench-")
     torch_model.save_pretrained(path)
-    return cfg, torch_model, ernie_jax.from_pretrained(path, dtype=jnp.float32, progress=False)
+    # Run as the preset trains it (its remat policy); inference is unaffected by remat.
+    ours = with_options(ernie_jax.from_pretrained(path, dtype=jnp.float32, progress=False), remat=preset.remat)
+    return cfg, torch_model, ours
