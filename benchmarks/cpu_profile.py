@@ -21,6 +21,7 @@ import json
 import linecache
 import os
 import re
+import shutil
 import tempfile
 import time
 
@@ -131,6 +132,7 @@ def main(argv=None) -> dict[str, float]:
     (trace_file,) = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
     with gzip.open(trace_file) as f:
         events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X" and e.get("name") in lines]
+    shutil.rmtree(trace_dir, ignore_errors=True)
     per_line = collections.Counter()
     for event in events:
         per_line[lines[event["name"]]] += event["dur"] / 1e3 / args.steps  # microseconds -> ms per step
