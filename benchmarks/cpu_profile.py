@@ -32,10 +32,9 @@ import optax
 from flax import nnx
 
 import ernie_jax
+from benchmarks.peers import tiny_benchmark_model, train_step
 from ernie_jax.model import with_options
 from ernie_jax.options import REMAT_CHOICES
-from ernie_jax.training.config import load_preset
-from ernie_jax.training.losses import cross_entropy_sum
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NO_SOURCE = "(no source line)"
@@ -92,9 +91,8 @@ def main(argv=None) -> dict[str, float]:
     parser.add_argument("--remat", choices=REMAT_CHOICES, help="the layer scan's remat policy (default: the preset's)")
     args = parser.parse_args(argv)
 
-    preset = load_preset("tiny")
-    args.remat = args.remat or preset.remat
-    cfg = preset.model.replace(num_nextn_predict_layers=0)
+    cfg, preset_remat = tiny_benchmark_model()
+    args.remat = args.remat or preset_remat
     model = with_options(ernie_jax.ErnieForCausalLM(cfg, rngs=nnx.Rngs(0)), remat=args.remat)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     ids = np.random.RandomState(0).randint(0, cfg.vocab_size, (args.batch, args.seq + 1))
@@ -102,20 +100,11 @@ def main(argv=None) -> dict[str, float]:
     optimizer = optax.adamw(1e-4)
     opt_state = optimizer.init(params)
 
-    def train_step(p, r, o, x, y):
-        def loss_fn(p):
-            logits = nnx.merge(graphdef, p, r)(x)  # [B, T, V]
-            return cross_entropy_sum(logits, y, jnp.ones(y.shape)) / y.size
-
-        loss, grads = jax.value_and_grad(loss_fn)(p)
-        updates, o = optimizer.update(grads, o, p)
-        return optax.apply_updates(p, updates), o, loss
-
     if args.forward:
         compiled = jax.jit(lambda p, r, x: nnx.merge(graphdef, p, r)(x)).lower(params, rest, inputs).compile()
         run = lambda: jax.block_until_ready(compiled(params, rest, inputs))  # noqa: E731
     else:
-        compiled = jax.jit(train_step).lower(params, rest, opt_state, inputs, targets).compile()
+        compiled = jax.jit(train_step(graphdef, optimizer)).lower(params, rest, opt_state, inputs, targets).compile()
         run = lambda: jax.block_until_ready(compiled(params, rest, opt_state, inputs, targets))  # noqa: E731
     lines = source_lines(compiled.as_text())
 

@@ -21,8 +21,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from benchmarks.peers import tiny_pair
-from ernie_jax.training.losses import cross_entropy_sum
+from benchmarks.peers import tiny_pair, train_step
 
 
 def _time(fn, steps: int) -> float:
@@ -76,15 +75,7 @@ def main(argv=None) -> dict[str, float]:
     opt_state = jax_opt.init(params)
     forward = jax.jit(lambda p, r, x: nnx.merge(graphdef, p, r)(x).sum())
 
-    @jax.jit
-    def train_step(p, r, o, x, y):
-        def loss_fn(p):
-            logits = nnx.merge(graphdef, p, r)(x)
-            return cross_entropy_sum(logits, y, jnp.ones(y.shape)) / y.size
-
-        grads = jax.grad(loss_fn)(p)
-        updates, o = jax_opt.update(grads, o, p)
-        return optax.apply_updates(p, updates), o
+    step = jax.jit(train_step(graphdef, jax_opt))
 
     state = {"p": params, "o": opt_state}
 
@@ -92,7 +83,7 @@ def main(argv=None) -> dict[str, float]:
         forward(state["p"], rest, j_inputs).block_until_ready()
 
     def jax_train():
-        state["p"], state["o"] = train_step(state["p"], rest, state["o"], j_inputs, j_targets)
+        state["p"], state["o"], _ = step(state["p"], rest, state["o"], j_inputs, j_targets)
         jax.block_until_ready(state["p"])
 
     runs = {"forward_tok_s_ernie_jax": jax_forward, "forward_tok_s_transformers": torch_forward}

@@ -1,15 +1,43 @@
-"""The peer every CPU benchmark measures against: transformers' PyTorch ERNIE with the same weights as ours."""
+"""The peer every CPU benchmark measures against (transformers' PyTorch ERNIE with the same weights as ours), and
+what the CPU benchmarks time on our side: the tiny preset's model, run as the preset trains it, and its step."""
 
 from __future__ import annotations
 
 import tempfile
 
+import jax
 import jax.numpy as jnp
+import optax
+from flax import nnx
 
 import ernie_jax
 from ernie_jax.config import ErnieConfig
 from ernie_jax.model import with_options
 from ernie_jax.training.config import load_preset
+from ernie_jax.training.losses import cross_entropy_sum
+
+
+def tiny_benchmark_model() -> tuple[ErnieConfig, str]:
+    """(the tiny preset's model config without its MTP head, the preset's remat policy). transformers has no MTP
+    head, so every side-by-side CPU benchmark measures the main model only."""
+    preset = load_preset("tiny")
+    return preset.model.replace(num_nextn_predict_layers=0), preset.remat
+
+
+def train_step(graphdef, optimizer: optax.GradientTransformation):
+    """(params, rest, opt_state, inputs [B, T], targets [B, T]) -> (params, opt_state, loss): mean next-token
+    cross-entropy, its gradient and one optimizer update; the step the CPU benchmarks jit and time."""
+
+    def step(params, rest, opt_state, inputs, targets):
+        def loss_fn(p):
+            logits = nnx.merge(graphdef, p, rest)(inputs)  # [B, T, V]
+            return cross_entropy_sum(logits, targets, jnp.ones(targets.shape)) / targets.size
+
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return step
 
 
 def tiny_pair(seed: int = 0):
@@ -18,9 +46,7 @@ def tiny_pair(seed: int = 0):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    # transformers has no MTP head: the pair is the main model only.
-    preset = load_preset("tiny")
-    cfg: ErnieConfig = preset.model.replace(num_nextn_predict_layers=0)
+    cfg, remat = tiny_benchmark_model()
     hf_cfg = cfg.to_hf_config()
     model_type = hf_cfg.pop("model_type")
     hf_cfg.pop("architectures")
@@ -29,5 +55,5 @@ def tiny_pair(seed: int = 0):
     path = tempfile.mkdtemp(prefix="ernie-bench-")
     torch_model.save_pretrained(path)
     # Run as the preset trains it (its remat policy); inference is unaffected by remat.
-    ours = with_options(ernie_jax.from_pretrained(path, dtype=jnp.float32, progress=False), remat=preset.remat)
+    ours = with_options(ernie_jax.from_pretrained(path, dtype=jnp.float32, progress=False), remat=remat)
     return cfg, torch_model, ours

@@ -25,9 +25,9 @@ _GOOGLE_PCI_VENDOR = "0x1ae0"
 _GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd")
 # XLA:CPU in jaxlib 0.10 hands dots, elementwise ops and reductions to YNNPACK fusions by default; an empty list
 # turns them off and its own emitters (Eigen for dots) take them. On this package's CPU workloads those are
-# faster: the tiny preset's forward 31 -> 21 ms and training step 127 -> 95 ms on a 2-core x86 host
-# (benchmarks/cpu_vs_transformers.py), and the embedded-default run with them. The flag exists in the jaxlib
-# versions below; XLA aborts on a flag it does not know, so another version is left at its default.
+# faster: on a 2-core x86 host the tiny preset's training step went 141/147 -> 99/95 ms (`python -m
+# benchmarks.cpu_profile --remat none`, two runs each) and the embedded-default run 298 -> 273 s. The flag exists
+# in the jaxlib versions below; XLA aborts on a flag it does not know, so another version is left at its default.
 YNN_FUSION_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
 _YNN_FLAG_JAXLIB_SERIES = ("0.10.",)
 
@@ -62,7 +62,9 @@ def configure() -> None:
         return
     import jaxlib
 
-    os.environ["XLA_FLAGS"] = cpu_codegen_flags(os.environ.get("XLA_FLAGS", ""), jaxlib.__version__)
+    flags = os.environ.get("XLA_FLAGS", "")
+    if (chosen := cpu_codegen_flags(flags, jaxlib.__version__)) != flags:
+        os.environ["XLA_FLAGS"] = chosen
     # Answers libtpu would otherwise ask the (absent) Cloud metadata server for. The accelerator type only
     # satisfies the lookup: topologies compiled for are named explicitly by the caller.
     os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
