@@ -34,7 +34,7 @@ def attention_reference(
     kv_segment_ids: jax.Array | None = None,
     sm_scale: float | None = None,
 ) -> jax.Array:
-    """softmax(q k^T * scale + mask) v with fp32 logits and softmax.
+    """softmax(q k^T * scale + mask) v with fp32 logits and softmax, laid out for XLA (the CPU path).
 
     Args:
       q: [B, T, N, H]; k, v: [B, S, K, H] with K dividing N (query head n reads kv head n // (N // K)).
@@ -49,11 +49,20 @@ def attention_reference(
     scale = h**-0.5 if sm_scale is None else sm_scale
     if segment_ids is not None and kv_segment_ids is None:
         kv_segment_ids = segment_ids
-    qg = q.reshape(b, t, kv, g, h)  # [B, T, K, G, H]
-    logits = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32) * scale
+    # Head-major layouts, so both matmuls are plain batched matmuls over (B, K) and the softmax reduces over the
+    # contiguous key axis; the G query heads that share a kv head are stacked along rows (M = G * T).
+    qh = jnp.einsum("BTKGH->BKGTH", q.reshape(b, t, kv, g, h)).reshape(b, kv, g * t, h)  # [B, K, M, H]
+    kh, vh = jnp.einsum("BSKH->BKSH", k), jnp.einsum("BSKH->BKSH", v)  # [B, K, S, H]
+    logits = jnp.einsum("BKMH,BKSH->BKMS", qh, kh, preferred_element_type=jnp.float32).reshape(b, kv, g, t, s)
     mask = attention_mask(t, s, causal=causal, q_segment_ids=segment_ids, kv_segment_ids=kv_segment_ids)
     if mask is not None:
-        logits = jnp.where(mask[:, None, None], logits, MASK_VALUE)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v, preferred_element_type=jnp.float32)
+        # An additive mask: its gradient is the identity, so the backward needs no mask (a select would).
+        logits = logits + jnp.where(mask, 0.0, MASK_VALUE)[:, None, None]  # [B, K, G, T, S]
+    # Softmax with the normalisation after the second matmul (as flash attention does): the division touches
+    # [.., H] outputs instead of [.., S] probabilities. The max is only a stabiliser, so it carries no gradient.
+    top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    weights = jnp.exp((logits - top) * scale).reshape(b, kv, g * t, s)  # [B, K, M, S], unnormalised
+    total = jnp.sum(weights, axis=-1, keepdims=True)  # [B, K, M, 1]
+    out = jnp.einsum("BKMS,BKSH->BKMH", weights.astype(v.dtype), vh, preferred_element_type=jnp.float32) / total
+    out = jnp.einsum("BKGTH->BTKGH", out.reshape(b, kv, g, t, h))
     return out.reshape(b, t, n, h).astype(q.dtype)

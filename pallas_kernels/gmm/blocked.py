@@ -86,8 +86,11 @@ def _gmm_blocked_bwd(tile, out_dtype, residuals, cotangent):
     layout = _layout(group_sizes, m, tile, num_tiles)
     dy = _to_tiles(cotangent, layout, tile, num_tiles)  # [tiles, tile, N]; padding and dropped rows zero
     x = _to_tiles(lhs, layout, tile, num_tiles)  # [tiles, tile, K]
-    # d lhs: each tile's rows times its group's weight, transposed.
-    dx = jnp.einsum("TRN,TKN->TRK", dy, rhs[layout.tile_group], preferred_element_type=jnp.float32)
+    # d lhs: each tile's rows times its group's weight, transposed. The G weights are transposed before the
+    # per-tile gather, so the batched matmul contracts a row-major operand (XLA:CPU runs a contraction over
+    # both operands' minor axes well below its plain-matmul speed).
+    rhs_t = jnp.einsum("GKN->GNK", rhs)[layout.tile_group]  # [tiles, N, K]
+    dx = jnp.einsum("TRN,TNK->TRK", dy, rhs_t, preferred_element_type=jnp.float32)
     # d rhs: per tile x^T dy, summed over the tiles of each group (tiles are in group order).
     dw_tiles = jnp.einsum("TRK,TRN->TKN", x, dy, preferred_element_type=jnp.float32)  # [tiles, K, N]
     dw = jax.ops.segment_sum(dw_tiles, layout.tile_group, num_segments=num_groups, indices_are_sorted=True)

@@ -208,8 +208,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation(
         "gqa_wrong_kv_head",
         "pallas_kernels/flash_attention/reference.py",
-        "qg = q.reshape(b, t, kv, g, h)  # [B, T, K, G, H]",
-        "qg = jnp.swapaxes(q.reshape(b, t, g, kv, h), 2, 3)",
+        'qh = jnp.einsum("BTKGH->BKGTH", q.reshape(b, t, kv, g, h)).reshape(b, kv, g * t, h)  # [B, K, M, H]',
+        'qh = jnp.einsum("BTGKH->BKGTH", q.reshape(b, t, g, kv, h)).reshape(b, kv, g * t, h)  # [B, K, M, H]',
         (REF + "test_attention_matches_numpy_causal_gqa_and_documents",),
         "query head n reads kv head n % K instead of n // (N / K)",
     ),
