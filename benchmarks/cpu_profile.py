@@ -4,8 +4,9 @@ time attributed to the line of this repository that emitted it.
     python -m benchmarks.cpu_profile [--forward] [--steps 5] [--top 25]
 
 Prints the median wall time of a step, the op time per step summed over XLA's threads (it can exceed the wall time
-when ops run side by side), and the source lines that account for most of it. Ops XLA made on its own, without a
-source location (mostly the layer scan's buffer copies and zero-fills), are listed as "(no source line)".
+when ops run side by side), the step's temporary buffer and the minor page faults per step (fresh pages touched),
+and the source lines that account for most of the op time. Ops XLA made on its own, without a source location
+(mostly the layer scan's buffer copies and zero-fills), are listed as "(no source line)".
 The model is the one `cpu_vs_transformers` measures (the tiny preset without its MTP head, with the preset's remat
 policy unless --remat says otherwise), in fp32, with random weights; the training step is value, gradient and
 AdamW, as there.
@@ -21,6 +22,7 @@ import json
 import linecache
 import os
 import re
+import resource
 import shutil
 import tempfile
 import time
@@ -110,10 +112,13 @@ def main(argv=None) -> dict[str, float]:
 
     run()
     times = []
+    faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(max(args.steps, 3)):
         start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)
+    # Fresh pages the step touched (minor faults): the per-step temporary buffer, when the allocator maps it anew.
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before) / len(times)
     trace_dir = tempfile.mkdtemp(prefix="ernie-cpu-profile-")
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
         for _ in range(args.steps):
@@ -130,11 +135,13 @@ def main(argv=None) -> dict[str, float]:
     device = jax.devices()[0].device_kind
     print(f"tiny preset {what}, batch {args.batch} x {args.seq}, fp32, remat={args.remat}, {device}")
     print(f"wall {np.median(times) * 1e3:.1f} ms per step (median); op time {total:.1f} ms per step over all threads")
+    temp_mb = compiled.memory_analysis().temp_size_in_bytes / 2**20
+    print(f"temporary buffer {temp_mb:.1f} MiB per step; {faults:,.0f} minor page faults per step")
     for line, ms in per_line.most_common(args.top):
         path, _, number = line.rpartition(":")
         code = linecache.getline(os.path.join(ROOT, path), int(number)).strip() if path else ""
         print(f"{ms:8.2f} ms  {100 * ms / total:5.1f}%  {line:45s} {code[:70]}")
-    return {"wall_ms": float(np.median(times) * 1e3), "op_ms": total, **dict(per_line)}
+    return {"wall_ms": float(np.median(times) * 1e3), "op_ms": total, "page_faults": faults, **dict(per_line)}
 
 
 if __name__ == "__main__":
