@@ -83,7 +83,7 @@ def source_lines(hlo_text: str) -> dict[str, str]:
     return names
 
 
-def main(argv=None) -> dict[str, float]:
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--forward", action="store_true", help="profile the forward instead of the training step")
     parser.add_argument("--steps", type=int, default=5)
@@ -141,7 +141,7 @@ def main(argv=None) -> dict[str, float]:
         path, _, number = line.rpartition(":")
         code = linecache.getline(os.path.join(ROOT, path), int(number)).strip() if path else ""
         print(f"{ms:8.2f} ms  {100 * ms / total:5.1f}%  {line:45s} {code[:70]}")
-    return {"wall_ms": float(np.median(times) * 1e3), "op_ms": total, "page_faults": faults, **dict(per_line)}
+    return {"wall_ms": float(np.median(times) * 1e3), "op_ms": total, "page_faults": faults, "lines": dict(per_line)}
 
 
 if __name__ == "__main__":
