@@ -1,10 +1,11 @@
 """Kernel entry points. The model and the MoE call these ops only through this module.
 
 `implementation`: "auto" | "xla" | "pallas".
-  "xla": the pure-jnp twin (reference.py of each op).
+  "xla": plain XLA ops: the pure-jnp twin (reference.py of each op), or a blocked form of it that computes the same
+    with less work (gmm/blocked.py on CPU; flash_attention/blocked.py for causal attention).
   "pallas": the Pallas kernel for the platform: Mosaic on TPU, Triton on GPU; on CPU the TPU kernel runs in the
     Pallas interpreter (how the tests exercise it: slow, for correctness only).
-  "auto": Pallas on TPU and GPU, the twin on CPU.
+  "auto": Pallas on TPU and GPU, "xla" on CPU.
 `platform=` ("auto" | "tpu" | "gpu" | "cpu") is the platform traced for: "auto" is the host's backend; "tpu" on a
 CPU host picks the compiled Mosaic kernel, never interpret mode (AOT-compiling for a TPU slice, ernie_jax.aot).
 `kernel=` ("tpu" | "gpu") and `interpret=` override that choice, e.g. interpreting the GPU kernel on CPU.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import jax
 
+from pallas_kernels.flash_attention.blocked import attention_blocked
 from pallas_kernels.flash_attention.reference import attention_reference
 from pallas_kernels.gmm.blocked import gmm_blocked
 from pallas_kernels.gmm.reference import gmm_reference
@@ -98,7 +100,8 @@ def flash_attention(
     See `pallas_kernels.flash_attention.ops.flash_attention` for the kernel arguments.
     """
     if _resolve(implementation, "flash_attention", platform) == "xla":
-        return attention_reference(
+        # Causal query blocks skip the keys they cannot see (the twin's masked half).
+        return attention_blocked(
             q, k, v, causal=causal, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, sm_scale=sm_scale
         )
     from pallas_kernels.flash_attention import ops

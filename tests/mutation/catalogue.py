@@ -214,6 +214,14 @@ MUTATIONS: tuple[Mutation, ...] = (
         "query head n reads kv head n % K instead of n // (N / K)",
     ),
     Mutation(
+        "causal_blocks_drop_the_diagonal_key",
+        "pallas_kernels/flash_attention/blocked.py",
+        "visible = s - t + stop  # the block's last query sits at key position visible - 1",
+        "visible = s - t + stop - 1  # the block's last query sits at key position visible - 1",
+        ("tests/test_attention_blocked.py::test_blocked_matches_twin",),
+        "a query block is handed one key too few, so the XLA path sees a shifted causal window",
+    ),
+    Mutation(
         "weight_decay_on_vectors",
         "ernie_jax/layers.py",
         "decay = len(shape) >= 2 if weight_decay is None else weight_decay",
