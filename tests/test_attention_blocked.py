@@ -51,12 +51,10 @@ def _fwd_vjp(fn, q, k, v, do):
 def test_blocked_matches_twin(t, s, block, packed, dtype):
     q, k, v, do = _inputs(t, s, dtype)
     seg = _documents(t) if packed else None
-    got = jax.jit(
-        lambda *a: _fwd_vjp(lambda q, k, v: attention_blocked(q, k, v, segment_ids=seg, block_q=block), *a)
-    )(q, k, v, do)
-    want = jax.jit(lambda *a: _fwd_vjp(lambda q, k, v: attention_reference(q, k, v, segment_ids=seg), *a))(
+    got = jax.jit(lambda *a: _fwd_vjp(lambda q, k, v: attention_blocked(q, k, v, segment_ids=seg, block_q=block), *a))(
         q, k, v, do
     )
+    want = jax.jit(lambda *a: _fwd_vjp(lambda q, k, v: attention_reference(q, k, v, segment_ids=seg), *a))(q, k, v, do)
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
         assert a.shape == b.shape and a.dtype == b.dtype, name
         assert_close(a, b, dtype, name)
