@@ -1,4 +1,5 @@
-"""What `import ernie_jax` sets up before JAX starts: XLA:CPU's code generator choice, and the user's word over it."""
+"""What `import ernie_jax` sets up before JAX starts: XLA:CPU's code generator choice, glibc's reuse of freed memory
+on CPU hosts, and the user's word over both."""
 
 import os
 import subprocess
@@ -6,7 +7,7 @@ import sys
 
 import pytest
 
-from ernie_jax.runtime_env import YNN_FUSION_FLAG, cpu_codegen_flags
+from ernie_jax.runtime_env import YNN_FUSION_FLAG, cpu_codegen_flags, user_chose_malloc_settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,3 +43,55 @@ def test_flags_are_left_alone_for_a_jaxlib_that_may_lack_the_flag():
     # XLA aborts on an unknown flag, so only the jaxlib series known to have it gets it.
     assert cpu_codegen_flags("--xla_dump_to=/tmp/x", "0.11.0") == "--xla_dump_to=/tmp/x"
     assert cpu_codegen_flags("--xla_dump_to=/tmp/x", "0.10.2") == f"--xla_dump_to=/tmp/x {YNN_FUSION_FLAG}="
+
+
+# A call whose scratch is one block of ROWS x 16 KiB (the matmul's input `exp(x)` is materialised), 48 or 96 MiB:
+# above glibc's largest mmap threshold (32 MiB), and the second above its largest thread heap (64 MiB). Prints the
+# block's size and the minor page faults per call after a warm-up.
+FAULTS_PROGRAM = """
+import resource, ernie_jax, jax, jax.numpy as jnp
+x = jnp.ones((ROWS, 4096), jnp.float32)
+step = jax.jit(lambda x: (jnp.exp(x) @ jnp.ones((4096, 1)))[::7].sum()).lower(x).compile()
+step(x).block_until_ready()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    step(x).block_until_ready()
+print(step.memory_analysis().temp_size_in_bytes, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5)
+"""
+
+
+def scratch_pages_and_faults(environ: dict[str, str], rows: int) -> tuple[int, float]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    env |= {"PYTHONPATH": ROOT, **environ}
+    program = FAULTS_PROGRAM.replace("ROWS", str(rows))
+    out = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    temp_bytes, faults = out.stdout.split()
+    return int(temp_bytes) // 4096, float(faults)
+
+
+def transparent_huge_pages_always() -> bool:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return "[always]" in f.read()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator: Linux only")
+@pytest.mark.parametrize("rows", [3072, 6144])
+def test_a_cpu_step_reuses_its_scratch_memory_instead_of_faulting_it_in_every_call(rows):
+    pages, faults = scratch_pages_and_faults({}, rows)
+    assert pages > 32 << 8  # above the largest mmap threshold glibc allows, so glibc's default would map it anew
+    assert faults < 0.05 * pages, (pages, faults)
+    if transparent_huge_pages_always():
+        pytest.skip("with transparent huge pages always on, a fresh mapping faults in 2 MiB pages: no contrast")
+    # The user's own allocator settings stand; with glibc's behaviour the scratch is mapped anew every call.
+    pages, faults = scratch_pages_and_faults({"GLIBC_TUNABLES": "glibc.malloc.perturb=0"}, rows)
+    assert faults > 0.5 * pages, (pages, faults)
+
+
+def test_any_allocator_setting_of_the_user_turns_the_reuse_off():
+    assert not user_chose_malloc_settings({"PATH": "/bin", "GLIBC_TUNABLES": "glibc.rtld.nns=2"})
+    assert user_chose_malloc_settings({"GLIBC_TUNABLES": "glibc.rtld.nns=2:glibc.malloc.hugetlb=1"})
+    assert user_chose_malloc_settings({"MALLOC_ARENA_MAX": "2"})
