@@ -295,9 +295,12 @@ class MLP(nnx.Module):
     def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
         """x [..., D] -> [..., D]; dropout_key: the LoRA adapters' dropout key in training (None: none)."""
         gate_key, up_key, down_key = dropout_keys(dropout_key, 3)
-        x = x.astype(self.dtype)  # [..., D]
-        gate = jnp.einsum("...D,DF->...F", x, weight_value(self.gate, self.dtype))
-        up = jnp.einsum("...D,DF->...F", x, weight_value(self.up, self.dtype))
+        lead = x.shape[:-1]
+        # One row axis: with [B, T, D] rows, XLA:CPU computed the weight gradients from transposed copies of the
+        # [B, T, F] gradients (a slow 3-D transpose per step); with [N, D] rows the dots read them in place.
+        x = x.reshape(-1, x.shape[-1]).astype(self.dtype)  # [N, D]
+        gate = jnp.einsum("ND,DF->NF", x, weight_value(self.gate, self.dtype))
+        up = jnp.einsum("ND,DF->NF", x, weight_value(self.up, self.dtype))
         if self.gate_lora is not None:
             gate = gate + self.gate_lora(x, gate_key)
         if self.up_lora is not None:
@@ -305,10 +308,10 @@ class MLP(nnx.Module):
         if self.use_bias:
             gate = gate + self.gate_bias[...].astype(self.dtype)
             up = up + self.up_bias[...].astype(self.dtype)
-        hidden = jax.nn.silu(gate) * up  # [..., F]
-        y = jnp.einsum("...F,FD->...D", hidden, weight_value(self.down, self.dtype))
+        hidden = jax.nn.silu(gate) * up  # [N, F]
+        y = jnp.einsum("NF,FD->ND", hidden, weight_value(self.down, self.dtype))
         if self.down_lora is not None:
             y = y + self.down_lora(hidden, down_key)
         if self.use_bias:
             y = y + self.down_bias[...].astype(self.dtype)
-        return y
+        return y.reshape(*lead, y.shape[-1])  # [..., D]

@@ -1,0 +1,40 @@
+"""Layouts XLA:CPU gives our training step: no transposed copy of an activation where a dot can read it in place."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ernie_jax.layers import MLP
+from tests.helpers import TINY_DENSE
+
+BATCH, SEQ, WIDTH = 4, 24, 48  # distinct sizes, so a shape in the HLO names its axes
+
+
+def _instruction_shapes(hlo_text: str) -> list[tuple[int, ...]]:
+    """The output shape of every array-valued instruction in the optimised HLO."""
+    return [
+        tuple(int(d) for d in dims.split(",") if d) for dims in re.findall(r"= f32\[([\d,]*)\]\{[\d,]*\} \w", hlo_text)
+    ]
+
+
+def test_dense_mlp_weight_gradients_read_the_activation_gradients_in_place():
+    """The dense SwiGLU's weight gradients are x^T @ dh over the rows. With [B, T, D] rows XLA:CPU first copied
+    each [B, T, F] gradient into an F-major transpose (at the tiny preset's sizes, the slowest fusion of the
+    training step); with the rows flattened to one axis the dots read the gradients where they lie."""
+    mlp = MLP(TINY_DENSE, WIDTH, use_bias=False, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(mlp, nnx.Param)
+    x = jax.random.normal(jax.random.key(1), (BATCH, SEQ, TINY_DENSE.hidden_size))  # [B, T, D]
+
+    def loss(params, x):
+        return jnp.sum(nnx.merge(graphdef, params)(x) ** 2)
+
+    hlo = jax.jit(jax.grad(loss)).lower(params, x).compile().as_text()
+    shapes = _instruction_shapes(hlo)
+    rows = BATCH * SEQ
+    assert (rows, WIDTH) in shapes or (BATCH, SEQ, WIDTH) in shapes  # the gradients themselves are in the program
+    transposed = [s for s in shapes if s in ((WIDTH, rows), (WIDTH, BATCH, SEQ))]
+    assert not transposed, f"F-major copies of the [rows, F] activation gradients: {transposed}"
