@@ -299,8 +299,8 @@ class MLP(nnx.Module):
         # One row axis: with [B, T, D] rows, XLA:CPU computed the weight gradients from transposed copies of the
         # [B, T, F] gradients (a slow 3-D transpose per step); with [N, D] rows the dots read them in place.
         x = x.reshape(-1, x.shape[-1]).astype(self.dtype)  # [N, D]
-        gate = jnp.einsum("ND,DF->NF", x, weight_value(self.gate, self.dtype))
-        up = jnp.einsum("ND,DF->NF", x, weight_value(self.up, self.dtype))
+        gate = jnp.einsum("...D,DF->...F", x, weight_value(self.gate, self.dtype))
+        up = jnp.einsum("...D,DF->...F", x, weight_value(self.up, self.dtype))
         if self.gate_lora is not None:
             gate = gate + self.gate_lora(x, gate_key)
         if self.up_lora is not None:
@@ -309,7 +309,7 @@ class MLP(nnx.Module):
             gate = gate + self.gate_bias[...].astype(self.dtype)
             up = up + self.up_bias[...].astype(self.dtype)
         hidden = jax.nn.silu(gate) * up  # [N, F]
-        y = jnp.einsum("NF,FD->ND", hidden, weight_value(self.down, self.dtype))
+        y = jnp.einsum("...F,FD->...D", hidden, weight_value(self.down, self.dtype))
         if self.down_lora is not None:
             y = y + self.down_lora(hidden, down_key)
         if self.use_bias:
