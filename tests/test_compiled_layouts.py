@@ -1,4 +1,5 @@
-"""Layouts XLA:CPU gives our training step: no transposed copy of an activation where a dot can read it in place."""
+"""Layouts XLA:CPU gives our training step: no transposed copy of an activation where a dot can read it in place,
+no zero-filled buffer scattered into where one gather builds the layout."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ernie_jax.layers import MLP
+from pallas_kernels.gmm.blocked import gmm_blocked
 from tests.helpers import TINY_DENSE
 
 BATCH, SEQ, WIDTH = 4, 24, 48  # distinct sizes, so a shape in the HLO names its axes
@@ -38,3 +40,24 @@ def test_dense_mlp_weight_gradients_read_the_activation_gradients_in_place():
     assert (rows, WIDTH) in shapes or (BATCH, SEQ, WIDTH) in shapes  # the gradients themselves are in the program
     transposed = [s for s in shapes if s in ((WIDTH, rows), (WIDTH, BATCH, SEQ))]
     assert not transposed, f"F-major copies of the [rows, F] activation gradients: {transposed}"
+
+
+def test_blocked_gmm_lays_rows_into_tiles_with_one_gather():
+    """The CPU grouped matmul pads each expert's rows to whole tiles. Built as a scatter of the rows into a
+    zero-filled buffer, XLA:CPU ran a fill and an element-by-element scatter for every layout (the rows forward;
+    the rows and their gradients backward); each padded slot gathering its row is one pass, and the tiny training
+    step ran about 3% faster for it (forward about 4%)."""
+    rows, k, n, groups = 40, 12, 10, 5
+    lhs = jax.random.normal(jax.random.key(0), (rows, k))
+    rhs = jax.random.normal(jax.random.key(1), (groups, k, n))
+    group_sizes = jnp.asarray([9, 0, 14, 3, 10], jnp.int32)
+
+    def row_loss(lhs):  # the weight gradient's per-expert sum is a scatter of its own; only the row layouts here
+        return jnp.sum(gmm_blocked(lhs, rhs, group_sizes, tile=8) ** 2)
+
+    for what, fn in (
+        ("forward", lambda a: gmm_blocked(a, rhs, group_sizes, tile=8)),
+        ("row gradient", jax.grad(row_loss)),
+    ):
+        hlo = jax.jit(fn).lower(lhs).compile().as_text()
+        assert not re.search(r"\bscatter\(", hlo), f"the {what} scatters rows into a zero-filled tile buffer"

@@ -457,6 +457,14 @@ MUTATIONS: tuple[Mutation, ...] = (
         "on CPU each tile's expert-weight gradient lands on the wrong expert (tiles dealt round-robin)",
     ),
     Mutation(
+        "blocked_gmm_scatters_rows_into_zeroed_tiles",
+        "pallas_kernels/gmm/blocked.py",
+        'slots = rows.at[layout.source].get(mode="fill", fill_value=0)  # [tiles * tile, C]',
+        'slots = jnp.zeros((layout.source.shape[0], rows.shape[1]), rows.dtype).at[layout.dest].set(rows, mode="drop")',
+        ("tests/test_compiled_layouts.py::test_blocked_gmm_lays_rows_into_tiles_with_one_gather",),
+        "the CPU grouped matmul fills a zeroed tile buffer and scatters the rows into it (a fill and a scatter)",
+    ),
+    Mutation(
         "dense_mlp_keeps_batch_and_sequence_rows",
         "ernie_jax/layers.py",
         "x = x.reshape(-1, x.shape[-1]).astype(self.dtype)  # [N, D]",
