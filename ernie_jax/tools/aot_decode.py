@@ -39,8 +39,8 @@ def tree_bytes_per_chip(tree) -> int:
 def default_decode_mesh(model: ErnieConfig, chips: int) -> dict[str, int]:
     """Experts over every chip when they divide (weights are read, not gathered: no FSDP at decode), else data."""
     if model.is_moe and model.moe_num_experts % chips == 0:
-        return {"data": 1, "expert": chips}
-    return {"data": chips}
+        return {sharding.mesh.DATA: 1, sharding.mesh.EXPERT: chips}
+    return {sharding.mesh.DATA: chips}
 
 
 def decode_report(

@@ -42,7 +42,7 @@ from ernie_jax.tools.hlo_stats import Module, op_times, roofline_seconds, second
 from ernie_jax.training.config import TrainConfig, apply_overrides, load_preset  # noqa: E402
 from ernie_jax.training.metrics import model_flops_per_token  # noqa: E402
 from ernie_jax.training.state import abstract_batch, build_train_state, jit_train_step  # noqa: E402
-from sharding.mesh import MeshError  # noqa: E402
+from sharding.mesh import FSDP, MeshError  # noqa: E402
 from sharding.rules import ShardingError  # noqa: E402
 
 TOP_OPS = 12  # ops listed by roofline time in the report
@@ -81,8 +81,8 @@ def fit_mesh(cfg: TrainConfig, chips: int) -> tuple[dict[str, int], str | None]:
     sizes = dict(cfg.mesh.sizes)
     if -1 in sizes.values() or math.prod(sizes.values()) == chips:
         return sizes, None
-    note = f"preset mesh {sizes} has {math.prod(sizes.values())} devices, the topology {chips} chips: mesh.fsdp=-1"
-    sizes["fsdp"] = -1
+    note = f"preset mesh {sizes} has {math.prod(sizes.values())} devices, the topology {chips} chips: mesh.{FSDP}=-1"
+    sizes[FSDP] = -1
     return sizes, note
 
 
