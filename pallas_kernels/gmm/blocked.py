@@ -5,7 +5,7 @@ multiple of `tile` and laid out contiguously, every tile takes its group's weigh
 work: FLOPs ~ (M + G * tile) * K * N instead of G * M * K * N.
 
 The gradient is written by hand (`custom_vjp`) so that the backward keeps only what it was given (lhs, rhs and the
-group sizes) and rebuilds the tile layout, which is a few integer ops and one row scatter. Plain autodiff would
+group sizes) and rebuilds the tile layout, which is a few integer ops and one row gather. Plain autodiff would
 keep the per-tile copies of the weights and rows ([tiles, K, N], [tiles, tile, K]) alive until the backward: under
 the layer scan, a zero-filled stack of them per layer, which on XLA:CPU costs more than the matmuls.
 """
