@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh
 
 from ernie_jax.moe.dispatch import expert_swiglu, sort_by_expert
 from ernie_jax.moe.permute import inverse_permutation, permute_repeated, permute_rows, repeat_rows, unpermute_sum
@@ -305,12 +305,12 @@ def expert_parallel_moe(
         body = lambda *a: _allgather_body(
             *a, options=options, ep_axes=ep_axes, gather_tokens=gather_tokens, d_axes=d_axes, f_axes=f_axes
         )
-    row_spec = PartitionSpec(token_spec[0], None)
+    count_spec = logical_to_spec(("batch",), mesh, rules)  # dropped: one count per token shard
     out, dropped = jax.shard_map(
         body,
         mesh=mesh,
-        in_specs=(row_spec, row_spec, row_spec, w_specs["w_gate"], w_specs["w_up"], w_specs["w_down"]),
-        out_specs=(row_spec, PartitionSpec(token_spec[0])),  # dropped: one count per token shard
+        in_specs=(token_spec, token_spec, token_spec, w_specs["w_gate"], w_specs["w_up"], w_specs["w_down"]),
+        out_specs=(token_spec, count_spec),
         check_vma=check_vma,
     )(x, experts, weights.astype(jnp.float32), w_gate, w_up, w_down)
     out = out.astype(x.dtype)

@@ -198,9 +198,9 @@ def batch_shapes(cfg: TrainConfig) -> dict[str, tuple[tuple[int, ...], np.dtype]
 
 def batch_shardings(cfg: TrainConfig, mesh: Mesh) -> dict[str, NamedSharding]:
     """Every batch array split over the batch axes by its rows (a pixel row [P, C] travels with its token row)."""
-    rows = batch_sharding(cfg, mesh)
+    batch_sharding(cfg, mesh)  # checks that the batch divides over the shards
     return {
-        key: NamedSharding(mesh, jax.sharding.PartitionSpec(rows.spec[0], *(None,) * (len(shape) - 1)))
+        key: sharding.named_sharding(("batch",) + (None,) * (len(shape) - 1), mesh)
         for key, (shape, _) in batch_shapes(cfg).items()
     }
 
