@@ -22,12 +22,11 @@ from pallas_kernels.common import match_vma
 
 
 class TileLayout(NamedTuple):
-    """Where each row goes in the padded, tile-aligned buffer: `dest` [M] (cap for rows past sum(group_sizes),
-    which are dropped), `valid` [M], each tile's group `tile_group` [tiles], and the row each slot of the buffer
+    """Where each row goes in the padded, tile-aligned buffer: `dest` [M] (past the buffer for rows past
+    sum(group_sizes), which are dropped), each tile's group `tile_group` [tiles], and the row each slot of the buffer
     takes, `source` [tiles * tile] (M for padding slots)."""
 
     dest: jax.Array
-    valid: jax.Array
     tile_group: jax.Array
     source: jax.Array
 
@@ -44,13 +43,13 @@ def _layout(group_sizes: jax.Array, m: int, tile: int, num_tiles: int) -> TileLa
     row_group = jnp.searchsorted(ends, rows, side="right")  # == g for rows past sum(group_sizes)
     valid = row_group < g
     group = jnp.minimum(row_group, g - 1)
-    dest = jnp.where(valid, padded_starts[group] + rows - starts[group], num_tiles * tile)  # cap: dropped
+    dest = jnp.where(valid, padded_starts[group] + rows - starts[group], num_tiles * tile)  # past the buffer: dropped
     tile_group = jnp.minimum(jnp.searchsorted(padded_ends, jnp.arange(num_tiles) * tile, side="right"), g - 1)
     slots = jnp.arange(num_tiles * tile)
     slot_group = tile_group[slots // tile]
     offset = slots - padded_starts[slot_group]  # past the group's rows for its padding (and for spare tiles)
     source = jnp.where(offset < sizes[slot_group], starts[slot_group] + offset, m)
-    return TileLayout(dest, valid, tile_group, source)
+    return TileLayout(dest, tile_group, source)
 
 
 def _to_tiles(rows: jax.Array, layout: TileLayout, tile: int, num_tiles: int) -> jax.Array:
@@ -64,8 +63,7 @@ def _to_tiles(rows: jax.Array, layout: TileLayout, tile: int, num_tiles: int) ->
 def _from_tiles(tiles: jax.Array, layout: TileLayout) -> jax.Array:
     """[tiles, tile, C] -> [M, C] in the original row order; rows past sum(group_sizes) zero."""
     flat = tiles.reshape(-1, tiles.shape[-1])
-    out = flat[jnp.minimum(layout.dest, flat.shape[0] - 1)]
-    return jnp.where(layout.valid[:, None], out, 0)
+    return flat.at[layout.dest].get(mode="fill", fill_value=0)
 
 
 def _num_tiles(m: int, g: int, tile: int) -> int:
