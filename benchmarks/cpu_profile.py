@@ -1,14 +1,14 @@
 """Where ernie-jax's CPU time goes: the tiny preset's training step (or forward) under XLA's profiler, each op's
 time attributed to the line of this repository that emitted it.
 
-    python -m benchmarks.cpu_profile [--forward] [--steps 5] [--top 25]
+    python -m benchmarks.cpu_profile [--forward] [--steps 5] [--top 25] [--remat POLICY] [--[no-]scan-layers]
 
 Prints the median wall time of a step, the op time per step summed over XLA's threads (it can exceed the wall time
 when ops run side by side), the step's temporary buffer and the minor page faults per step (fresh pages touched),
 and the source lines that account for most of the op time. Ops XLA made on its own, without a source location
-(mostly the layer scan's buffer copies and zero-fills), are listed as "(no source line)".
+(mostly buffer copies and zero-fills), are listed as "(no source line)".
 The model is the one `cpu_vs_transformers` measures (the tiny preset without its MTP head, with the preset's remat
-policy unless --remat says otherwise), in fp32, with random weights; the training step is value, gradient and
+policy and layer scan unless --remat or --[no-]scan-layers say otherwise), in fp32, with random weights; the training step is value, gradient and
 AdamW, as there.
 """
 
@@ -91,11 +91,19 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--remat", choices=REMAT_CHOICES, help="the layer scan's remat policy (default: the preset's)")
+    parser.add_argument(
+        "--scan-layers",
+        action=argparse.BooleanOptionalAction,
+        help="run the layers in a scan, or unrolled with --no-scan-layers (default: the preset's)",
+    )
     args = parser.parse_args(argv)
 
-    cfg, preset_remat = tiny_benchmark_model()
-    args.remat = args.remat or preset_remat
-    model = with_options(ernie_jax.ErnieForCausalLM(cfg, rngs=nnx.Rngs(0)), remat=args.remat)
+    cfg, options = tiny_benchmark_model()
+    args.remat = args.remat or options["remat"]
+    args.scan_layers = options["scan_layers"] if args.scan_layers is None else args.scan_layers
+    model = with_options(
+        ernie_jax.ErnieForCausalLM(cfg, rngs=nnx.Rngs(0)), remat=args.remat, scan_layers=args.scan_layers
+    )
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     ids = np.random.RandomState(0).randint(0, cfg.vocab_size, (args.batch, args.seq + 1))
     inputs, targets = jnp.asarray(ids[:, :-1]), jnp.asarray(ids[:, 1:])
@@ -133,7 +141,10 @@ def main(argv=None) -> dict:
     total = sum(per_line.values())
     what = "forward" if args.forward else "training step (value, gradient, AdamW)"
     device = jax.devices()[0].device_kind
-    print(f"tiny preset {what}, batch {args.batch} x {args.seq}, fp32, remat={args.remat}, {device}")
+    print(
+        f"tiny preset {what}, batch {args.batch} x {args.seq}, fp32, remat={args.remat}, "
+        f"scan_layers={args.scan_layers}, {device}"
+    )
     print(f"wall {np.median(times) * 1e3:.1f} ms per step (median); op time {total:.1f} ms per step over all threads")
     temp_mb = compiled.memory_analysis().temp_size_in_bytes / 2**20
     print(f"temporary buffer {temp_mb:.1f} MiB per step; {faults:,.0f} minor page faults per step")

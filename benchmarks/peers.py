@@ -17,11 +17,13 @@ from ernie_jax.training.config import load_preset
 from ernie_jax.training.losses import cross_entropy_sum
 
 
-def tiny_benchmark_model() -> tuple[ErnieConfig, str]:
-    """(the tiny preset's model config without its MTP head, the preset's remat policy). transformers has no MTP
-    head, so every side-by-side CPU benchmark measures the main model only."""
+def tiny_benchmark_model() -> tuple[ErnieConfig, dict]:
+    """(the tiny preset's model config without its MTP head, the preset's run options that change speed: its remat
+    policy and scan_layers, as `with_options` keywords). transformers has no MTP head, so every side-by-side CPU
+    benchmark measures the main model only."""
     preset = load_preset("tiny")
-    return preset.model.replace(num_nextn_predict_layers=0), preset.remat
+    options = preset.model_options()
+    return preset.model.replace(num_nextn_predict_layers=0), dict(remat=options.remat, scan_layers=options.scan_layers)
 
 
 def train_step(graphdef, optimizer: optax.GradientTransformation):
@@ -46,7 +48,7 @@ def tiny_pair(seed: int = 0):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg, remat = tiny_benchmark_model()
+    cfg, options = tiny_benchmark_model()
     hf_cfg = cfg.to_hf_config()
     model_type = hf_cfg.pop("model_type")
     hf_cfg.pop("architectures")
@@ -54,6 +56,6 @@ def tiny_pair(seed: int = 0):
     torch_model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **hf_cfg)).float()
     path = tempfile.mkdtemp(prefix="ernie-bench-")
     torch_model.save_pretrained(path)
-    # Run as the preset trains it (its remat policy); inference is unaffected by remat.
-    ours = with_options(ernie_jax.from_pretrained(path, dtype=jnp.float32, progress=False), remat=remat)
+    # Run as the preset trains it (its remat policy and layer scan); inference is unaffected by remat.
+    ours = with_options(ernie_jax.from_pretrained(path, dtype=jnp.float32, progress=False), **options)
     return cfg, torch_model, ours

@@ -38,6 +38,9 @@ def get_config() -> TrainConfig:
         # than stacking every saved activation per layer: the 900-step run took 228 s against 259 s with "none",
         # back to back, with the same final loss (benchmarks/cpu_profile.py --remat shows the step alone).
         remat="dots_all",
+        # Four layers compile quickly unrolled, and XLA:CPU then runs the step without the scan's loop and its
+        # stacking of each layer's saved activations (benchmarks/cpu_profile.py --[no-]scan-layers shows the step).
+        scan_layers=False,
         mtp=MTPConfig(depth=1, loss_weight=0.3),  # ERNIEKit's MTP weight
         steps=900,
         run_dir="runs/tiny",

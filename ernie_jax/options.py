@@ -27,6 +27,10 @@ class OptionsError(ValueError):
 @dataclasses.dataclass(frozen=True)
 class ModelOptions:
     remat: str = "none"  # rematerialisation of each layer group's scan body
+    # False: each layer group's scan is unrolled, so the compiled program holds every layer one after another (the
+    # parameters stay stacked). Compiling takes longer the deeper the model; on XLA:CPU a shallow model trains
+    # faster unrolled, because the scan's per-iteration stacking of saved activations and its loop go away.
+    scan_layers: bool = True
     attention_impl: str = "auto"  # pallas_kernels.flash_attention implementation
     gmm_impl: str = "auto"  # pallas_kernels.gmm implementation (routed experts)
     # The platform kernels are traced for: "auto" is this host's backend; "tpu" compiles the Mosaic kernels on a
@@ -47,6 +51,8 @@ class ModelOptions:
         ):
             if value not in choices:
                 raise OptionsError(field, f"must be one of {', '.join(choices)}, got {value!r}")
+        if not isinstance(self.scan_layers, bool):
+            raise OptionsError("scan_layers", f"must be true or false, got {self.scan_layers!r}")
         if not (self.moe_buffer_factor == 0 or self.moe_buffer_factor >= 1):
             raise OptionsError(
                 "moe_buffer_factor",

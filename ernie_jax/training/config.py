@@ -136,6 +136,8 @@ class TrainConfig:
     # compute dtype (master weights and optimizer state stay fp32)
     dtype: Literal["float32", "bfloat16"] = "float32"
     remat: Literal[REMAT_CHOICES] = "none"  # rematerialisation policy
+    # false: unroll each layer group's scan (faster on CPU for a few layers, slower to compile for many)
+    scan_layers: bool = True
     # LM head + cross-entropy over this many tokens of each sequence at a time, so the [B, T, V] fp32 logits are
     # never live whole (0 = the whole sequence at once). Must divide data.seq_len.
     loss_chunk: int = 0
@@ -212,6 +214,7 @@ class TrainConfig:
         kernels are traced for ("tpu" for the AOT report on a CPU host)."""
         return ModelOptions(
             remat=self.remat,
+            scan_layers=self.scan_layers,
             attention_impl=self.attention_impl,
             gmm_impl=self.gmm_impl,
             platform=platform,

@@ -118,7 +118,7 @@ class DecoderGroup(nnx.Module):
 
         if self.options.remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.options.remat], prevent_cse=False)
-        return jax.lax.scan(body, h, state)
+        return jax.lax.scan(body, h, state, unroll=not self.options.scan_layers)
 
     def cached(self, h, angles, group_cache: LayerKV, fill, row_start, is_vision) -> tuple[jax.Array, LayerKV]:
         """Scan the layers with their caches (stacked [R, B, S, K, H]) as inputs and the updated caches as outputs."""
@@ -131,4 +131,4 @@ class DecoderGroup(nnx.Module):
             )
             return sharding.shard(carry, "batch", "seq", "act_embed"), layer_cache
 
-        return jax.lax.scan(body, h, (state, group_cache))
+        return jax.lax.scan(body, h, (state, group_cache), unroll=not self.options.scan_layers)

@@ -152,7 +152,7 @@ class VisionTower(nnx.Module):
 
         if self.options.remat != "none":  # the trainer's remat policy covers the tower's blocks too
             body = jax.checkpoint(body, policy=REMAT_POLICIES[self.options.remat], prevent_cse=False)
-        x, _ = jax.lax.scan(body, x, state)
+        x, _ = jax.lax.scan(body, x, state, unroll=not self.options.scan_layers)
         return self.final_norm(x)  # [B, P, Dv]
 
 
