@@ -8,8 +8,8 @@ when ops run side by side), the step's temporary buffer and the minor page fault
 and the source lines that account for most of the op time. Ops XLA made on its own, without a source location
 (mostly buffer copies and zero-fills), are listed as "(no source line)".
 The model is the one `cpu_vs_transformers` measures (the tiny preset without its MTP head, with the preset's remat
-policy and layer scan unless --remat or --[no-]scan-layers say otherwise), in fp32, with random weights; the training step is value, gradient and
-AdamW, as there.
+policy and layer scan unless --remat or --[no-]scan-layers say otherwise), in fp32, with random weights; the
+training step is value, gradient and AdamW, as there.
 """
 
 from __future__ import annotations
