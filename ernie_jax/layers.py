@@ -84,8 +84,13 @@ def apply_interleaved_rope(x: jax.Array, positions: jax.Array, theta: float) -> 
       x: [B, T, N, H] queries or keys, raw released weight order (no q/k permutation).
       positions: [B, T] integer positions.
     """
+    angles = positions.astype(jnp.float32)[..., None] * rope_inv_freq(x.shape[-1], theta)  # [B, T, H/2]
+    return rotate_pairs(x, angles)
+
+
+def rotate_pairs(x: jax.Array, angles: jax.Array) -> jax.Array:
+    """Rotate pairs (2i, 2i+1) of x [B, T, N, H] by angles [B, T, H/2], in fp32, back in x's dtype."""
     b, t, n, h = x.shape
-    angles = positions.astype(jnp.float32)[..., None] * rope_inv_freq(h, theta)  # [B, T, H/2]
     cos = jnp.cos(angles)[:, :, None, :]  # [B, T, 1, H/2]
     sin = jnp.sin(angles)[:, :, None, :]
     pairs = x.astype(jnp.float32).reshape(b, t, n, h // 2, 2)

@@ -11,12 +11,11 @@ import jax
 from flax import nnx
 
 import sharding
-from ernie_jax.layers import MLP, Attention, LayerKV, RMSNorm, cached_attention
+from ernie_jax.layers import MLP, Attention, LayerKV, RMSNorm, cached_attention, rotate_pairs
 from ernie_jax.model import REMAT_POLICIES
 from ernie_jax.options import ModelOptions
 from ernie_jax.vl.config import MlpKind, VLTextConfig
 from ernie_jax.vl.moe import ModalityIsolatedMoE
-from ernie_jax.vl.rope import rotate_pairs
 
 
 class MRopeAttention(Attention):

@@ -109,17 +109,6 @@ def mrope_angles(positions: jax.Array, head_dim: int, theta: float, mrope_sectio
     return jnp.moveaxis(per_pair, 0, -1) * rope_inv_freq(head_dim, theta)  # [B, T, H/2]
 
 
-def rotate_pairs(x: jax.Array, angles: jax.Array) -> jax.Array:
-    """Rotate pairs (2i, 2i+1) of x [B, T, N, H] by angles [B, T, H/2], in fp32, back in x's dtype."""
-    b, t, n, h = x.shape
-    cos = jnp.cos(angles)[:, :, None, :]  # [B, T, 1, H/2]
-    sin = jnp.sin(angles)[:, :, None, :]
-    pairs = x.astype(jnp.float32).reshape(b, t, n, h // 2, 2)
-    even, odd = pairs[..., 0], pairs[..., 1]
-    rotated = jnp.stack([even * cos - odd * sin, odd * cos + even * sin], axis=-1)
-    return rotated.reshape(b, t, n, h).astype(x.dtype)
-
-
 def vision_patch_positions(grid_thw, spatial_merge_size: int) -> np.ndarray:
     """(row, column) [P, 2] of every patch, in the processor's patch order: merge blocks of m x m patches row-major,
     patches row-major inside a block, frames one after another (transformers' `get_vision_position_ids`)."""
