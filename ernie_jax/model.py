@@ -172,8 +172,11 @@ class MTPLayer(nnx.Module):
 
     def _input(self, h, embedded) -> jax.Array:
         x = jnp.concatenate([self.emb_norm(embedded), self.hidden_norm(h)], axis=-1).astype(self.dtype)
-        x = jnp.einsum("BTC,CD->BTD", x, self.proj[...].astype(self.dtype))  # [B, T, 2D] -> [B, T, D]
-        return x if self.proj_bias is None else x + self.proj_bias[...].astype(self.dtype)
+        b, t, c = x.shape
+        # One row axis, as in the dense MLP: with [B, T, 2D] rows XLA:CPU built the projection's weight gradient
+        # from a transposed copy of the [B, T, D] gradient, fused with the norm's backward (3 ms a step at batch 16).
+        x = jnp.einsum("NC,CD->ND", x.reshape(b * t, c), self.proj[...].astype(self.dtype)).reshape(b, t, -1)
+        return x if self.proj_bias is None else x + self.proj_bias[...].astype(self.dtype)  # [B, T, D]
 
 
 class ErnieForCausalLM(nnx.Module):

@@ -465,6 +465,14 @@ MUTATIONS: tuple[Mutation, ...] = (
         "the CPU grouped matmul fills a zeroed tile buffer and scatters the rows into it (a fill and a scatter)",
     ),
     Mutation(
+        "mtp_projection_keeps_batch_and_sequence_rows",
+        "ernie_jax/model.py",
+        'x = jnp.einsum("NC,CD->ND", x.reshape(b * t, c), self.proj[...].astype(self.dtype)).reshape(b, t, -1)',
+        'x = jnp.einsum("BTC,CD->BTD", x, self.proj[...].astype(self.dtype))',
+        ("tests/test_compiled_layouts.py::test_mtp_projection_weight_gradient_reads_the_activation_gradient_in_place",),
+        "the MTP projection's weight gradient goes through a transposed copy of its output gradient on CPU",
+    ),
+    Mutation(
         "dense_mlp_keeps_batch_and_sequence_rows",
         "ernie_jax/layers.py",
         "x = x.reshape(-1, x.shape[-1]).astype(self.dtype)  # [N, D]",
