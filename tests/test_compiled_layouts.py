@@ -10,6 +10,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ernie_jax.layers import MLP
+from ernie_jax.model import MTPLayer
+from ernie_jax.options import ModelOptions
 from pallas_kernels.gmm.blocked import gmm_blocked
 from tests.helpers import TINY_DENSE
 
@@ -67,9 +69,6 @@ def test_mtp_projection_weight_gradient_reads_the_activation_gradient_in_place()
     """The MTP depth's input projection ([2D] -> [D] over the rows) had [B, T, 2D] rows: its weight gradient
     x^T @ dy was built from a D-major transposed copy of dy, which XLA:CPU fused with the RMSNorm backward feeding
     it (3 ms of a 190 ms step of the tiny preset at batch 16). With one row axis the dot reads dy where it lies."""
-    from ernie_jax.model import MTPLayer
-    from ernie_jax.options import ModelOptions
-
     cfg = TINY_DENSE
     layer = MTPLayer(cfg, 0, ModelOptions(), dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
     graphdef, proj, rest = nnx.split(layer, nnx.PathContains("proj"), ...)
