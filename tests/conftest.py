@@ -13,6 +13,22 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
+# One persistent compilation cache for the whole test session: both xdist workers (started after this file is
+# imported, they inherit the environment), every test module and every trainer subprocess. The same small programs
+# compile again and again across a session (each `train()` call jits a fresh step; resumes recompile the run's
+# programs; modules clear the in-memory jit caches); with the cache each compiles once. Results are unaffected: JAX
+# keys the cache by the program, its compile options, XLA_FLAGS and the JAX version. The session's own directory
+# starts empty, so first compiles are still tested, and goes when the session ends.
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+SESSION_COMPILE_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    SESSION_COMPILE_CACHE = tempfile.mkdtemp(prefix="ernie-jax-test-compile-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = SESSION_COMPILE_CACHE
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
@@ -74,3 +90,9 @@ def project_logs(caplog):
 def pytest_collection_modifyitems(config, items):
     """Tests marked `first` run first: started last, one would keep a worker busy alone at the end of the run."""
     items.sort(key=lambda item: item.get_closest_marker("first") is None)  # stable: otherwise collection order
+
+
+def pytest_unconfigure(config):
+    """The process that made the session's compilation cache removes it (under xdist: the controller, last)."""
+    if SESSION_COMPILE_CACHE is not None:
+        shutil.rmtree(SESSION_COMPILE_CACHE, ignore_errors=True)

@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
@@ -29,23 +28,17 @@ def command(run_dir, *extra) -> list[str]:
     return [sys.executable, "-m", "ernie_jax.train", *RUN, f"run_dir={run_dir}", *extra]
 
 
-# One compilation cache for every trainer process this test session starts: the same small programs compile
-# once instead of in every process (about 12 s down to 6 s a run on 2 cores). Results are unaffected: JAX keys
-# the cache by the program, its compile options and the JAX version.
-COMPILE_CACHE = tempfile.mkdtemp(prefix="ernie-jax-test-compile-cache-")
-
-
 def environment() -> dict[str, str]:
-    """A user's shell: no test-only JAX settings (libtpu noise must be kept away by the package itself), plus the
-    session's compilation cache. XLA_FLAGS stays: it carries only conftest's faster XLA:CPU compile level unless the
-    caller set more."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "TPU_"))}
-    env["PYTHONPATH"] = ROOT  # as after `pip install -e .`, without depending on the caller's working directory
-    env.update(
-        JAX_COMPILATION_CACHE_DIR=COMPILE_CACHE,
-        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    """A user's shell: no test-only JAX settings (libtpu noise must be kept away by the package itself), except
+    the session's compilation cache (tests/conftest.py). XLA_FLAGS stays: it carries only conftest's faster XLA:CPU
+    compile level unless the caller set more."""
+    cache = (
+        "JAX_COMPILATION_CACHE_DIR",
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES",
     )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "TPU_")) or k in cache}
+    env["PYTHONPATH"] = ROOT  # as after `pip install -e .`, without depending on the caller's working directory
     return env
 
 
