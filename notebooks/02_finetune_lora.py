@@ -94,19 +94,20 @@ print(tokenizer.render_chat_template(rows[2]["messages"]))
 # ## 2. The run config
 #
 # The `lora_0p3b` preset (rank 8, alpha 16, adapters on q/k/v/o and the MLP, base frozen in bfloat16), shortened
-# for a notebook: 8 rows of 64 tokens per step (conversations packed whole), 80 steps, a learning rate suited to
-# adapters on a random base. On CPU the compute and the frozen base are float32 (bfloat16 matmuls are emulated
-# there); on TPU the preset's bfloat16.
+# for a notebook: 8 rows of 64 tokens per step (conversations packed whole), 80 steps (`FINETUNE_STEPS=N` in the
+# environment for a quicker look), a learning rate suited to adapters on a random base. On CPU the compute and the
+# frozen base are float32 (bfloat16 matmuls are emulated there); on TPU the preset's bfloat16.
 
 # %%
 run = work / "run"
+STEPS = int(os.environ.get("FINETUNE_STEPS", 80))
 overrides = [
     f"init_from_hf={base}",
     f"data.sources={data}",
     f"data.tokenizer={base}",
     "data.seq_len=64",
     "data.global_batch_size=8",
-    "steps=80",
+    f"steps={STEPS}",
     "optim.lr=5e-3",
     "optim.warmup_steps=10",
     "log_every=4",

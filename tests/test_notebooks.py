@@ -60,9 +60,11 @@ RUNS = [pytest.param(p, id=p.stem, marks=[pytest.mark.tpu] if "pod" in p.stem el
 
 
 # The knobs a user has for a quicker run: what the committed copies show is the full run (execute.py --write).
-# Here every cell still runs and draws: the MoE runs for 40 steps, not 200, and the pod report compiles the
-# embedded default for a v5p-8, not a3b for a v5p-64 (tests/test_aot.py compiles a3b, reduced in depth).
+# Here every cell still runs and draws: the LoRA run takes 24 steps, not 80, the MoE runs 40, not 200, and the pod
+# report compiles the embedded default for a v5p-8, not a3b for a v5p-64 (tests/test_aot.py compiles a3b, reduced
+# in depth).
 QUICK_RUN = {
+    "02_finetune_lora": {"FINETUNE_STEPS": "24"},
     "03_moe_internals": {"MOE_STEPS": "40"},
     "04_pod_readiness": {"POD_PRESET": "tiny", "POD_TOPOLOGY": "v5p-8"},
 }
