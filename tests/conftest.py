@@ -26,8 +26,9 @@ SESSION_COMPILE_CACHE = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     SESSION_COMPILE_CACHE = tempfile.mkdtemp(prefix="ernie-jax-test-compile-cache-")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = SESSION_COMPILE_CACHE
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# Every program, however quick to compile (JAX's default keeps only those over a second).
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 
