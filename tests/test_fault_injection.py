@@ -190,3 +190,32 @@ def test_aot_compiles_for_tpu_from_a_cpu_host_without_libtpu_noise():
     assert out.returncode == 0, out.stderr[-3000:]
     assert "tiny on v5p-8" in out.stdout and "fits" in out.stdout
     assert_quiet(out.stderr)
+
+
+def test_a_second_command_line_run_takes_its_programs_from_the_compile_cache(tmp_path):
+    """compile_cache (on by default, in the home directory): the second run compiles nothing again."""
+    home = tmp_path / "home"
+    env = {k: v for k, v in environment().items() if k != "JAX_COMPILATION_CACHE_DIR"}  # not the session's cache
+    env["HOME"] = str(home)
+
+    def train(name: str) -> None:
+        done = subprocess.run(
+            [*command(tmp_path / name), "steps=2"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+
+    train("first")
+    cache = home / ".cache" / "ernie_jax" / "compiled"
+    written = {entry.name: entry.stat().st_mtime_ns for entry in cache.iterdir()}
+    assert any(name.startswith("jit_step-") for name in written), sorted(written)
+    train("second")
+    # A program compiled again would be written again (same name, new mtime); a new one would add a name.
+    assert {entry.name: entry.stat().st_mtime_ns for entry in cache.iterdir()} == written
+
+
+def test_a_compile_cache_the_user_gave_jax_stands():
+    from ernie_jax.training.loop import use_compile_cache
+
+    assert (
+        use_compile_cache("~/elsewhere") == os.environ["JAX_COMPILATION_CACHE_DIR"]
+    )  # the session's, tests/conftest.py

@@ -158,6 +158,10 @@ class TrainConfig:
     # Devices the preset is meant for ("cpu", "tpu", "gpu") and how many; a run elsewhere stops with advice.
     platform: str = "any"
     min_devices: int = 1
+    # The command line's persistent compilation cache: a run does not compile again what an earlier run on this host
+    # compiled (none = off; JAX_COMPILATION_CACHE_DIR, when set, is used instead). From Python, set JAX's
+    # jax_compilation_cache_dir before the process's first compile.
+    compile_cache: str | None = "~/.cache/ernie_jax/compiled"
 
     def __post_init__(self):
         _require(self.steps >= 1, "steps", f"must be >= 1, got {self.steps}")
