@@ -1,6 +1,7 @@
 """The test session itself: compiled programs do not pile up across test modules (release_compiled_programs in
 tests/conftest.py; a full run once crashed XLA:CPU at Linux's per-process limit on memory mappings), and one
-persistent compilation cache serves the whole session (a third of its time) and is removed at its end."""
+persistent compilation cache serves the whole session (2,144 -> 1,533 s in a clean clone) and is removed at its
+end."""
 
 import os
 import subprocess
