@@ -8,7 +8,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pallas_kernels.gmm.blocked import gmm_blocked
+from pallas_kernels.gmm.blocked import gmm_blocked, tile_rows
 from pallas_kernels.gmm.reference import gmm_reference
 from tests.helpers import assert_close
 
@@ -61,3 +61,28 @@ def test_blocked_gmm_inside_shard_map_sums_the_replicated_weight_gradient():
     twin = jax.jit(jax.grad(lambda *a: loss(gmm_reference, *a), argnums=(0, 1)))
     for got, want, what in zip(blocked(*args), twin(*args), ("d lhs", "d rhs"), strict=True):
         assert_close(got, want, np.float32, what)
+
+
+def test_tile_rows_is_half_the_mean_group_as_a_power_of_two_within_bounds():
+    assert [tile_rows(m, 8) for m in (8, 256, 1024, 2048, 4096, 65536)] == [32, 32, 64, 128, 128, 128]
+    assert tile_rows(2048, 64) == 32  # more groups, shorter tiles: each group pads by up to a tile
+    assert tile_rows(100, 3) == 32
+
+
+@settings(max_examples=10, deadline=None)
+@given(st.lists(st.integers(0, 160), min_size=G, max_size=G).filter(lambda s: sum(s) <= 400))
+def test_blocked_gmm_with_its_default_tiles_matches_twin(sizes):
+    """Without `tile`, the rows per tile come from `tile_rows` (32 here: 400 rows in 5 groups)."""
+    m = 400
+    keys = jax.random.split(jax.random.key(sum(sizes)), 3)
+    lhs = jax.random.normal(keys[0], (m, K))
+    rhs = jax.random.normal(keys[1], (G, K, N))
+    cot = jax.random.normal(keys[2], (m, N))
+    group_sizes = jnp.asarray(sizes, jnp.int32)
+    out = gmm_blocked(lhs, rhs, group_sizes)
+    assert_close(out, gmm_reference(lhs, rhs, group_sizes), np.float32, "forward")
+    assert not np.any(np.asarray(out)[sum(sizes) :]), "rows past sum(group_sizes) must be zero"
+    grads = jax.value_and_grad(lambda a, b: jnp.sum(gmm_blocked(a, b, group_sizes) * cot), argnums=(0, 1))
+    (_, (da, db)), (_, (da_r, db_r)) = grads(lhs, rhs), _f_ref(lhs, rhs, group_sizes, cot)
+    assert_close(da, da_r, np.float32, "dlhs")
+    assert_close(db, db_r, np.float32, "drhs")

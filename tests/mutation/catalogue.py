@@ -465,6 +465,14 @@ MUTATIONS: tuple[Mutation, ...] = (
         "the CPU grouped matmul fills a zeroed tile buffer and scatters the rows into it (a fill and a scatter)",
     ),
     Mutation(
+        "blocked_gmm_fixed_64_row_tiles",
+        "pallas_kernels/gmm/blocked.py",
+        "return min(max(1 << (half_mean.bit_length() - 1), 32), 128)",
+        "return 64",
+        ("tests/test_compiled_layouts.py::test_blocked_gmm_runs_the_tiny_presets_rows_in_128_row_tiles",),
+        "the CPU grouped matmul keeps 64-row tiles whatever the rows per expert (the slower batched matmul)",
+    ),
+    Mutation(
         "mtp_projection_keeps_batch_and_sequence_rows",
         "ernie_jax/model.py",
         'x = jnp.einsum("NC,CD->ND", x.reshape(b * t, c), self.proj[...].astype(self.dtype)).reshape(b, t, -1)',
