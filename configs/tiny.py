@@ -1,6 +1,6 @@
 """The embedded default: a small ERNIE MoE (the 21B-A3B layout, shrunk) trained on CPU from text shipped with Python.
 
-About 3 minutes on 2 CPU cores (174 s measured): the loss clearly falls, a checkpoint is written,
+About 2½ to 3 minutes on 2 CPU cores (145–174 s measured): the loss clearly falls, a checkpoint is written,
 a greedy sample is printed. It carries one MTP depth, trained alongside (mtp.depth=1), so the result can draft for
 speculative decoding.
 """
