@@ -13,7 +13,8 @@ dense as in the preset) so that one GPU holds it; width, experts and sequence le
 - MFU = model FLOPs / (step time x the chip's bf16 peak), as the trainer logs it;
 - the roofline step time of the compiled program (`ernie_jax.tools.hlo_stats`: each op at max(FLOPs / peak,
   bytes / HBM bandwidth)), its MFU, and measured over roofline time;
-- the compiled program's FLOPs over the model's (Pallas kernels count only where hlo_stats knows their cost).
+- the compiled program's FLOPs over the model's (Pallas kernels count only where hlo_stats knows their cost), and
+  XLA's own count beside it, with a note when the two differ by more than 10%.
 On a device missing from `ernie_jax.chips` (a CPU) the peak is a measured matmul and the bandwidth a measured copy.
 """
 
