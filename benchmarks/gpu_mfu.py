@@ -62,8 +62,25 @@ def random_batch(cfg, rng: np.random.Generator) -> dict[str, np.ndarray]:
     return out
 
 
-def measure(cfg, steps: int) -> dict:
-    """Run cfg's train step on the first device `steps` times after a warm-up; the report as a dict."""
+def roofline_figures(hlo_text: str, cost: dict, model_flops: float, peak: float, bandwidth: float, step_s: float):
+    """The roofline part of the report for one compiled program (hlo_stats on its HLO text)."""
+    module = Module(hlo_text)
+    ops = op_times(module, peak, bandwidth)
+    roofline_s = sum(op.seconds for op in ops)
+    return {
+        "compiled_over_model_flops": module.flops() / model_flops,
+        # XLA's own count visits a loop body once; hlo_stats weights it by its trip count but reads no cuBLAS call.
+        "xla_cost_analysis_over_model_flops": float(cost.get("flops", float("nan"))) / model_flops,
+        "roofline_s": roofline_s,
+        "roofline_mfu": model_flops / (roofline_s * peak),
+        "measured_over_roofline": step_s / roofline_s,
+        "top_ops": [(op.kind, op.shape, op.seconds, op.bound) for op in ops[:8]],
+    }
+
+
+def measure(cfg, steps: int, dump_hlo: str | None = None) -> dict:
+    """Run cfg's train step on the first device `steps` times after a warm-up; the report as a dict. dump_hlo: a
+    file for the compiled program's HLO text, written before anything runs."""
     device = jax.devices()[0]
     mesh = sharding.make_mesh(data=1, fsdp=1, expert=1, tensor=1, devices=[device])
     state = build_train_state(cfg, mesh)
@@ -73,6 +90,10 @@ def measure(cfg, steps: int) -> dict:
     params, biases, opt_state = state.params, state.biases, state.opt_state
     with sharding.use_mesh(mesh):
         compiled = step_fn.lower(params, biases, opt_state, batch, jnp.int32(0)).compile()
+        hlo_text = compiled.as_text()
+        if dump_hlo:
+            with open(dump_hlo, "w") as f:
+                f.write(hlo_text)
         params, biases, opt_state, metrics = compiled(params, biases, opt_state, batch, jnp.int32(0))
         jax.block_until_ready(params)
         times = []
@@ -94,11 +115,12 @@ def measure(cfg, steps: int) -> dict:
         source = f"{how}; measured copy bandwidth"
     tokens = cfg.data.global_batch_size * cfg.data.seq_len
     model_flops = tokens * model_flops_per_token(cfg.model, cfg.data.seq_len, mtp_depth=cfg.mtp.depth)
-    module = Module(compiled.as_text())
     cost = compiled.cost_analysis()
     cost = (cost[0] if cost else {}) if isinstance(cost, list | tuple) else (cost or {})
-    ops = op_times(module, peak, bandwidth)
-    roofline_s = sum(op.seconds for op in ops)
+    try:  # hlo_stats was built on TPU and CPU programs: a program it cannot read keeps the measured figures
+        roofline = roofline_figures(hlo_text, cost, model_flops, peak, bandwidth, step_s)
+    except Exception as e:  # noqa: BLE001 - reported in the output, next to the measurement
+        roofline = {"roofline_error": f"{type(e).__name__}: {e}"}
     mem = compiled.memory_analysis()
     peak_bytes = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
     peak_bytes += mem.temp_size_in_bytes
@@ -116,18 +138,12 @@ def measure(cfg, steps: int) -> dict:
         "step_s_all": times,
         "tokens_per_s": tokens / step_s,
         "model_flops": model_flops,
-        "compiled_over_model_flops": module.flops() / model_flops,
-        # XLA's own count visits a loop body once; hlo_stats weights it by its trip count but reads no cuBLAS call.
-        "xla_cost_analysis_over_model_flops": float(cost.get("flops", float("nan"))) / model_flops,
         "peak_flops": peak,
         "hbm_bytes_per_s": bandwidth,
         "mfu": model_flops / (step_s * peak),
-        "roofline_s": roofline_s,
-        "roofline_mfu": model_flops / (roofline_s * peak),
-        "measured_over_roofline": step_s / roofline_s,
         "memory_bytes": peak_bytes,
         "hbm_bytes": hbm,
-        "top_ops": [(op.kind, op.shape, op.seconds, op.bound) for op in ops[:8]],
+        **roofline,
     }
 
 
@@ -137,19 +153,23 @@ def format_report(r: dict) -> str:
         f"{r['remat']}, on {r['device_kind']} ({r['figures_from']})",
         f"measured step {r['step_s'] * 1e3:,.1f} ms (median of {len(r['step_s_all'])}), "
         f"{r['tokens_per_s']:,.0f} tokens/s, MFU {r['mfu']:.1%}; loss {r['final_loss']:.4f}",
-        f"roofline step {r['roofline_s'] * 1e3:,.1f} ms, MFU {r['roofline_mfu']:.1%}; measured / roofline "
-        f"{r['measured_over_roofline']:.2f}; compiled / model FLOPs {r['compiled_over_model_flops']:.2f}",
         f"memory {r['memory_bytes'] / 1e9:.2f} GB"
         + (f" of {r['hbm_bytes'] / 1e9:.1f} GB" if np.isfinite(r["hbm_bytes"]) else " (no datasheet capacity)"),
-        "roofline's slowest ops:",
     ]
+    if "roofline_error" in r:
+        lines.append(f"roofline: not computed, hlo_stats could not read this program ({r['roofline_error']})")
+        return "\n".join(lines)
+    lines.append(
+        f"roofline step {r['roofline_s'] * 1e3:,.1f} ms, MFU {r['roofline_mfu']:.1%}; measured / roofline "
+        f"{r['measured_over_roofline']:.2f}; compiled / model FLOPs {r['compiled_over_model_flops']:.2f}"
+    )
     ours, xla = r["compiled_over_model_flops"], r["xla_cost_analysis_over_model_flops"]
     if not abs(ours - xla) <= 0.1 * xla:
-        lines.insert(
-            -1,
+        lines.append(
             f"note: XLA's cost analysis counts {xla:.2f} x the model's FLOPs where the roofline counts {ours:.2f} "
-            "(XLA visits a loop body once; the roofline reads no cuBLAS call): compare before trusting the roofline",
+            "(XLA visits a loop body once; the roofline reads no cuBLAS call): compare before trusting the roofline"
         )
+    lines.append("roofline's slowest ops:")
     lines += [f"  {s * 1e3:9.3f} ms  {kind:12s} {bound:7s} {shape}" for kind, shape, s, bound in r["top_ops"]]
     return "\n".join(lines)
 
@@ -176,6 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: the preset's)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps after the warm-up")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--dump-hlo", metavar="FILE", help="also write the compiled program's HLO text here")
     args, overrides = parser.parse_known_args(argv)
     unknown = [o for o in overrides if o.startswith("-")]
     if unknown:
@@ -191,7 +212,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"error: --config {args.config} runs {cfg.platform} kernels (platform={cfg.platform}); this host has "
             f"{backend} devices: run it on a {cfg.platform.upper()}, or check the harness here with --config tiny\n",
         )
-    report = measure(cfg, args.steps)
+    report = measure(cfg, args.steps, dump_hlo=args.dump_hlo)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return report
 
