@@ -32,21 +32,8 @@ import sharding
 from ernie_jax.chips import chip_for_device_kind
 from ernie_jax.tools.hlo_stats import Module, op_times
 from ernie_jax.training.config import ConfigError, apply_overrides, load_preset
-from ernie_jax.training.metrics import model_flops_per_token, peak_flops_per_device
+from ernie_jax.training.metrics import measured_copy_bytes_per_s, model_flops_per_token, peak_flops_per_device
 from ernie_jax.training.state import batch_shapes, batch_shardings, build_train_state, jit_train_step
-
-
-def measured_copy_bytes_per_s(n_bytes: int = 256 * 2**20) -> float:
-    """Bytes read plus written per second by a jitted copy of an n_bytes array (for devices without a datasheet)."""
-    x = jnp.zeros(n_bytes // 4, jnp.float32)
-    copy = jax.jit(lambda a: a + 1.0)
-    copy(x).block_until_ready()
-    start = time.perf_counter()
-    reps = 5
-    for _ in range(reps):
-        x = copy(x)
-    x.block_until_ready()
-    return 2 * n_bytes * reps / (time.perf_counter() - start)
 
 
 def random_batch(cfg, rng: np.random.Generator) -> dict[str, np.ndarray]:

@@ -37,17 +37,27 @@ def peak_flops_per_device(dtype=jnp.float32) -> tuple[float, str]:
         return known[1].peak_bf16_flops, f"{kind} bf16 peak"
     if jax.default_backend() == "cpu":
         n = 1024
-        a = jnp.ones((n, n), dtype)
-        f = jax.jit(lambda x: x @ x)
-        f(a).block_until_ready()
-        start = time.perf_counter()
-        reps = 5
-        for _ in range(reps):
-            a = f(a)
-        a.block_until_ready()
-        measured = 2 * n**3 * reps / (time.perf_counter() - start) / max(jax.local_device_count(), 1)
+        seconds = seconds_per_chained_call(lambda x: x @ x, jnp.ones((n, n), dtype))
+        measured = 2 * n**3 / seconds / max(jax.local_device_count(), 1)
         return measured, f"measured {jnp.dtype(dtype).name} matmul on this CPU"
     return float("nan"), f"unknown peak for {kind}"
+
+
+def measured_copy_bytes_per_s(n_bytes: int = 256 * 2**20) -> float:
+    """Bytes read plus written per second by a jitted elementwise pass over an n_bytes array: the memory bandwidth
+    of a device with no datasheet figure (a CPU)."""
+    return 2 * n_bytes / seconds_per_chained_call(lambda a: a + 1.0, jnp.zeros(n_bytes // 4, jnp.float32))
+
+
+def seconds_per_chained_call(fn, x: jax.Array, reps: int = 5) -> float:
+    """Seconds per call of jit(fn), each call fed the last one's output, after a warm-up call that compiles."""
+    f = jax.jit(fn)
+    f(x).block_until_ready()
+    start = time.perf_counter()
+    for _ in range(reps):
+        x = f(x)
+    x.block_until_ready()
+    return (time.perf_counter() - start) / reps
 
 
 class MetricsWriter:
